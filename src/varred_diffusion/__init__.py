@@ -2,24 +2,61 @@
 
 from __future__ import annotations
 
+from varred_diffusion.adapters import DiffusersEpsAdapter as DiffusersEpsAdapter
+from varred_diffusion.adapters import EpsFromScore as EpsFromScore
+from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
+from varred_diffusion.adapters import ScoreFromV as ScoreFromV
+from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
+from varred_diffusion.bins import SigmaBins as SigmaBins
+from varred_diffusion.losses import dsm_loss as dsm_loss
+from varred_diffusion.losses import perturb as perturb
+from varred_diffusion.models import MLPScore as MLPScore
+from varred_diffusion.models import SmallUNet as SmallUNet
+from varred_diffusion.models import init_parameters as init_parameters
+from varred_diffusion.models import parameter_count as parameter_count
+from varred_diffusion.sampling import ImportanceSigmaSampler as ImportanceSigmaSampler
+from varred_diffusion.sampling import antithetic_noise as antithetic_noise
+from varred_diffusion.sampling import log_uniform_sigma as log_uniform_sigma
+from varred_diffusion.sampling import low_discrepancy_uniform as low_discrepancy_uniform
+from varred_diffusion.sampling import stratified_uniform as stratified_uniform
 from varred_diffusion.schedules import VESchedule as VESchedule
 from varred_diffusion.schedules import VPSchedule as VPSchedule
 from varred_diffusion.schedules import append_dims as append_dims
-from varred_diffusion.losses import dsm_loss as dsm_loss
-from varred_diffusion.losses import perturb as perturb
-from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
-from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
-from varred_diffusion.adapters import ScoreFromV as ScoreFromV
-from varred_diffusion.adapters import EpsFromScore as EpsFromScore
-from varred_diffusion.adapters import DiffusersEpsAdapter as DiffusersEpsAdapter
 from varred_diffusion.taylor_cv import dsm_taylor_cv as dsm_taylor_cv
-from varred_diffusion.sampling import stratified_uniform as stratified_uniform
-from varred_diffusion.sampling import low_discrepancy_uniform as low_discrepancy_uniform
-from varred_diffusion.sampling import log_uniform_sigma as log_uniform_sigma
-from varred_diffusion.sampling import antithetic_noise as antithetic_noise
-from varred_diffusion.sampling import ImportanceSigmaSampler as ImportanceSigmaSampler
-from varred_diffusion.bins import SigmaBins as SigmaBins
+from varred_diffusion.toy import GaussianMixture as GaussianMixture
+from varred_diffusion.toy import ScoreError as ScoreError
+from varred_diffusion.toy import asymmetric as asymmetric
+from varred_diffusion.toy import ring8 as ring8
+from varred_diffusion.toy import score_error as score_error
 from varred_diffusion.training import ControlledDSM as ControlledDSM
 
 __version__ = "0.1.0"
-__all__ = ['ControlledDSM', 'DiffusersEpsAdapter', 'EpsFromScore', 'ImportanceSigmaSampler', 'ScoreFromEps', 'ScoreFromV', 'ScoreFromX0', 'SigmaBins', 'VESchedule', 'VPSchedule', 'antithetic_noise', 'append_dims', 'dsm_loss', 'dsm_taylor_cv', 'log_uniform_sigma', 'low_discrepancy_uniform', 'perturb', 'stratified_uniform']
+__all__ = [
+    "ControlledDSM",
+    "DiffusersEpsAdapter",
+    "EpsFromScore",
+    "GaussianMixture",
+    "ImportanceSigmaSampler",
+    "MLPScore",
+    "ScoreError",
+    "ScoreFromEps",
+    "ScoreFromV",
+    "ScoreFromX0",
+    "SigmaBins",
+    "SmallUNet",
+    "VESchedule",
+    "VPSchedule",
+    "antithetic_noise",
+    "append_dims",
+    "asymmetric",
+    "dsm_loss",
+    "dsm_taylor_cv",
+    "init_parameters",
+    "log_uniform_sigma",
+    "low_discrepancy_uniform",
+    "parameter_count",
+    "perturb",
+    "ring8",
+    "score_error",
+    "stratified_uniform",
+]
