@@ -1,18 +1,33 @@
-"""Taylor polynomials along samples by nested forward-mode AD (being extended: TaylorCV)."""
+"""Taylor control variates of order k under a Gaussian base, by nested forward-mode AD.
+
+``T^k f̃(ε) = Σ_{j≤k} D^j f̃(0)[ε^{⊗j}] / j!`` for ``f̃(ε) = f(μ + L ε)``, ``ε ~ N(0, I_d)``,
+and the control ``c_k(ε) = T^k f̃(ε) − E[T^k f̃]`` (Jeha et al. 2024, the Taylor CV;
+Owen, *Monte Carlo theory*, ch. 8 for control variates). Odd orders have mean zero;
+even orders ``j = 2m`` have mean ``(j − 1)!! Δ^m f̃(0)`` (Isserlis 1918). See
+``docs/taylor.md`` for the routes to that mean and their cost.
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 
 import torch
 from torch.func import jvp
 
-__all__ = ["TaylorCV", "taylor_terms"]
+from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
+from varred.gaussian import cubature_size, gauss_hermite_cubature
+
+__all__ = ["TaylorCV", "iterated_laplacian", "taylor_terms"]
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+EXPECTATIONS = ("exact", "probe")
+PROBES = ("gaussian", "rademacher")
+EXACT_METHODS = ("auto", "cubature", "laplacian")
 
 
-def taylor_terms(
-    f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, v: torch.Tensor, order: int
-) -> list[torch.Tensor]:
+def taylor_terms(f: Fn, x0: torch.Tensor, v: torch.Tensor, order: int) -> list[torch.Tensor]:
     """Directional derivatives ``D^j f(x0)[v, ..., v]`` for ``j = 0..order``.
 
     One nested ``torch.func.jvp`` of depth ``order``; every lower order comes out of
@@ -35,7 +50,7 @@ def taylor_terms(
         inner = nested(j - 1)
 
         def g(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            primals, tangents = jvp(inner, (x,), (v,))
+            primals, tangents = jvp(inner, (x,), (v,))[:2]
             # primals = (D^0, ..., D^{j-1}); tangents = (D^1, ..., D^j)
             return (primals[0], *tangents)
 
@@ -44,5 +59,410 @@ def taylor_terms(
     return list(nested(order)(x0))
 
 
-def TaylorCV(*args, **kwargs):  # stub
-    raise NotImplementedError("TaylorCV is not written yet")
+def mixed_derivative(f: Fn, x0: torch.Tensor, directions: list[torch.Tensor]) -> torch.Tensor:
+    """``D^r f(x0)[u_1, ..., u_r]`` by ``r`` nested jvps, a different direction per level.
+
+    Args:
+        f: batched function ``[n, d] -> [n, *out]``, rows independent.
+        x0: points ``[n, d]``.
+        directions: ``r`` tensors ``[n, d]`` (row ``i`` differentiates row ``i``).
+
+    Returns:
+        ``[n, *out]``.
+    """
+    g = f
+    for u in directions:
+        g = (lambda inner, u_: lambda x: jvp(inner, (x,), (u_,))[1])(g, u)
+    return g(x0)
+
+
+def _laplacian_combos(d: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multisets ``{i_1 ≤ … ≤ i_m}`` of ``range(d)`` ``[C, m]`` and multiplicities ``[C]``."""
+    combos = list(itertools.combinations_with_replacement(range(d), m))
+    mult = [
+        math.factorial(m) // math.prod(math.factorial(c.count(i)) for i in set(c)) for c in combos
+    ]
+    return torch.tensor(combos, dtype=torch.long), torch.tensor(mult, dtype=torch.float64)
+
+
+def laplacian_rows(d: int, max_m: int) -> int:
+    """Rows of :func:`iterated_laplacian` for ``m = 1..max_m``: ``Σ_m C(d + m − 1, m)``."""
+    return sum(math.comb(d + m - 1, m) for m in range(1, max_m + 1))
+
+
+def iterated_laplacian(
+    f: Fn,
+    point: torch.Tensor,
+    m: int,
+    *,
+    scale_tril: torch.Tensor | None = None,
+    chunk_size: int | None = 4096,
+) -> torch.Tensor:
+    """``Δ^m f̃(0)`` for ``f̃(ε) = f(point + L ε)``: ``Σ_{i_1..i_m} ∂²_{i_1} ⋯ ∂²_{i_m} f̃(0)``.
+
+    Mixed partials are symmetric, so only the ``C(d + m − 1, m)`` multisets of
+    indices are differentiated (nested jvp of depth ``2m`` along
+    ``L e_{i_1}, L e_{i_1}, …, L e_{i_m}, L e_{i_m}``), weighted by their number of
+    orderings; all combinations share one batch (in chunks of ``chunk_size`` rows).
+
+    Args:
+        f: batched function ``[n, d] -> [n, *out]``, rows independent.
+        point: expansion point ``[d]``.
+        m: power of the Laplacian, ``≥ 0``.
+        scale_tril: ``L`` ``[d, d]`` (identity when ``None``).
+        chunk_size: rows per call of ``f`` (``None``: all at once).
+
+    Returns:
+        ``[*out]``, differentiable w.r.t. anything ``f`` closes over.
+
+    >>> lap = iterated_laplacian(lambda x: (x**4).sum(1), torch.zeros(3, dtype=torch.float64), 2)
+    >>> float(lap)  # Δ² Σ x_i⁴ = 24 d
+    72.0
+    """
+    m = check_order(m, name="m")
+    d = point.shape[0]
+    x_point = point.reshape(1, d)
+    if m == 0:
+        return f(x_point)[0]
+    cols = (
+        torch.eye(d, dtype=point.dtype, device=point.device) if scale_tril is None else scale_tril.T
+    )
+    combos, mult = _laplacian_combos(d, m)  # [C, m], [C]
+    combos, mult = combos.to(point.device), mult.to(point.device, point.dtype)
+    step = combos.shape[0] if chunk_size is None else chunk_size
+    total: torch.Tensor | None = None
+    for start in range(0, combos.shape[0], step):
+        idx, w = combos[start : start + step], mult[start : start + step]
+        dirs = [cols[idx[:, t // 2]] for t in range(2 * m)]  # 2m × [c, d]
+        vals = mixed_derivative(f, x_point.expand(idx.shape[0], d).clone(), dirs)  # [c, *out]
+        part = (w.reshape(-1, *([1] * (vals.ndim - 1))) * vals).sum(0)
+        total = part if total is None else total + part
+    assert total is not None
+    return total
+
+
+class TaylorCV:
+    r"""Order-k Taylor control variate of ``f`` under ``x = μ + L ε``, ``ε ~ N(0, I_d)``.
+
+    ``cv(ε) = T^k f̃(ε) − E[T^k f̃]`` with ``f̃(ε) = f(μ + L ε)``; ``E[cv] = 0`` exactly
+    (``expectation="exact"``) or in expectation over independent probes
+    (``"probe"``: per sample ``i`` the even orders' mean is replaced by
+    ``mean_p Σ_{even j≥2} D^j f̃(0)[ε'^j_{ip}] / j!``, unbiased and independent of
+    ``ε_i``). Jeha, Grathwohl, Andersen, Ek & Frellsen (2024).
+
+    Args:
+        f: batched function ``[n, d] -> [n, *out]``, rows independent, differentiable in its input.
+        order: ``k ≥ 0``.
+        mean: ``μ`` ``[d]`` (zero when ``None``).
+        scale_tril: ``L`` ``[d, d]``, covariance ``L Lᵀ`` (identity when ``None``).
+        expectation: ``"exact"`` (Isserlis means, small d) or ``"probe"`` (any d).
+        num_probes: probes per sample ``P ≥ 1`` for ``"probe"``.
+        probe_distribution: ``"gaussian"`` or ``"rademacher"`` (only for ``order ≤ 3``).
+        exact_method: ``"auto"`` (cheapest), ``"cubature"`` or ``"laplacian"``.
+        max_evaluations: largest number of rows the exact route may evaluate.
+        chunk_size: rows per call of ``f`` in the Laplacian route.
+
+    >>> cv = TaylorCV(lambda x: torch.exp(x.sum(1)), order=2)
+    >>> eps = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    >>> cv(eps).shape, float(cv.expectation(d=3))  # 1 + d / 2
+    (torch.Size([5]), 2.5)
+    """
+
+    def __init__(
+        self,
+        f: Fn,
+        order: int,
+        *,
+        mean: torch.Tensor | None = None,
+        scale_tril: torch.Tensor | None = None,
+        expectation: str = "exact",
+        num_probes: int = 1,
+        probe_distribution: str = "gaussian",
+        exact_method: str = "auto",
+        max_evaluations: int = 50_000,
+        chunk_size: int | None = 4096,
+    ) -> None:
+        if not callable(f):
+            raise VarRedError(f"f: expected a callable [n, d] -> [n, ...], got {type(f).__name__}")
+        self.f = f
+        self.order = check_order(order)
+        for name, value, allowed in (
+            ("expectation", expectation, EXPECTATIONS),
+            ("probe_distribution", probe_distribution, PROBES),
+            ("exact_method", exact_method, EXACT_METHODS),
+        ):
+            if value not in allowed:
+                raise VarRedError(f"{name}: expected one of {allowed}, got {value!r}")
+        if check_order(num_probes, name="num_probes") < 1:
+            raise VarRedError(f"num_probes: expected a positive integer, got {num_probes}")
+        if expectation == "probe" and probe_distribution == "rademacher" and self.order > 3:
+            raise VarRedError(
+                f"probe_distribution: 'rademacher' probes are biased for the order-4 mean "
+                f"(E z⁴ = 1, not 3); expected order ≤ 3 or 'gaussian', got order={self.order}"
+            )
+        self.expectation_kind = expectation
+        self.num_probes = int(num_probes)
+        self.probe_distribution = probe_distribution
+        self.exact_method = exact_method
+        self.max_evaluations = int(max_evaluations)
+        self.chunk_size = chunk_size
+        self.mean = None if mean is None else check_finite("mean", check_floating("mean", mean))
+        if self.mean is not None and self.mean.ndim != 1:
+            raise VarRedError(f"mean: expected shape [d], got {shape_str(self.mean)}")
+        self.scale_tril = None
+        if scale_tril is not None:
+            L = check_finite("scale_tril", check_floating("scale_tril", scale_tril))
+            if L.ndim != 2 or L.shape[0] != L.shape[1]:
+                raise VarRedError(f"scale_tril: expected shape [d, d], got {shape_str(L)}")
+            if self.mean is not None and L.shape[0] != self.mean.shape[0]:
+                raise VarRedError(
+                    f"scale_tril: expected shape [{self.mean.shape[0]}, {self.mean.shape[0]}] "
+                    f"to match mean {shape_str(self.mean)}, got {shape_str(L)}"
+                )
+            self.scale_tril = L
+        self._f_checked = False
+
+    # ------------------------------------------------------------------ inputs
+    def _dim(self) -> int | None:
+        for t in (self.mean, self.scale_tril):
+            if t is not None:
+                return int(t.shape[0])
+        return None
+
+    def _prepare(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate ``eps`` ``[n, d]``; return expansion points and directions, both ``[n, d]``."""
+        eps = check_floating("eps", eps)
+        if eps.ndim != 2:
+            raise VarRedError(f"eps: expected shape [n, d], got {shape_str(eps)}")
+        d = self._dim()
+        if d is not None and eps.shape[1] != d:
+            raise VarRedError(
+                f"eps: expected shape [n, {d}] to match mean/scale_tril, got {shape_str(eps)}"
+            )
+        check_finite("eps", eps)
+        return self._point(eps.shape[1], eps).expand_as(eps).clone(), self._directions(eps)
+
+    def _point(self, d: int, like: torch.Tensor) -> torch.Tensor:
+        if self.mean is None:
+            return torch.zeros(1, d, dtype=like.dtype, device=like.device)
+        return self.mean.to(like).reshape(1, d)
+
+    def _directions(self, eps: torch.Tensor) -> torch.Tensor:
+        """``L ε`` row-wise: ``[..., d] -> [..., d]``."""
+        return eps if self.scale_tril is None else eps @ self.scale_tril.to(eps).T
+
+    def _check_f(self, x: torch.Tensor) -> None:
+        """Once per object: ``f`` returns ``[1, ...]`` tensors that depend differentiably on ``x``."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            y = self.f(x)
+            if not isinstance(y, torch.Tensor):
+                raise VarRedError(
+                    f"f: expected it to return a torch.Tensor, got {type(y).__name__}"
+                )
+            if y.ndim == 0 or y.shape[0] != x.shape[0]:
+                raise VarRedError(
+                    f"f: expected an output of shape [{x.shape[0]}, ...] for an input of shape "
+                    f"{shape_str(x)}, got {shape_str(y)}"
+                )
+            if not y.is_floating_point():
+                raise VarRedError(f"f: expected a floating output, got dtype {y.dtype}")
+            dep = y.requires_grad and torch.autograd.grad(y.sum(), x, allow_unused=True)[0]
+            if dep is None or dep is False:
+                raise VarRedError(
+                    "f: expected an output that depends differentiably on its input; got one "
+                    "with no autograd path to the input (does f use .detach(), .item() or numpy? "
+                    "a constant f has a zero Taylor CV; write it as c + 0 * x[:, 0] if meant)"
+                )
+        self._f_checked = True
+
+    def _terms(self, x0: torch.Tensor, v: torch.Tensor, order: int) -> list[torch.Tensor]:
+        if not self._f_checked:
+            self._check_f(x0[:1] + v[:1])
+        try:
+            terms = taylor_terms(self.f, x0, v, order)
+        except RuntimeError as err:
+            raise VarRedError(
+                f"f: expected a function that torch.func.jvp can differentiate along its input "
+                f"(no numpy, .item(), data access or in-place ops on it); got the error: {err}"
+            ) from err
+        if not isinstance(terms[0], torch.Tensor) or terms[0].ndim == 0:
+            raise VarRedError(f"f: expected a tensor output [n, ...], got {terms[0]!r}")
+        if terms[0].shape[0] != x0.shape[0]:
+            raise VarRedError(
+                f"f: expected an output of shape [{x0.shape[0]}, ...] for an input of shape "
+                f"{shape_str(x0)}, got {shape_str(terms[0])}"
+            )
+        return terms
+
+    # ------------------------------------------------------------------ values
+    def terms(self, eps: torch.Tensor) -> list[torch.Tensor]:
+        """``[D^j f̃(0)[ε^j] for j = 0..k]``, each ``[n, *out]`` (not divided by ``j!``)."""
+        return self._terms(*self._prepare(eps), self.order)
+
+    def polynomial(self, eps: torch.Tensor) -> torch.Tensor:
+        """``T^k f̃(ε) = Σ_{j≤k} D^j f̃(0)[ε^j] / j!``: ``[n, d] -> [n, *out]``."""
+        return sum_scaled(self.terms(eps), start=0)
+
+    def remainder(self, eps: torch.Tensor) -> torch.Tensor:
+        """``R^k(ε) = f̃(ε) − T^k f̃(ε)`` ``[n, *out]``; ``O(|ε|^{k+1})``, zero for degree ≤ k."""
+        x0, v = self._prepare(eps)
+        return self.f(x0 + v) - sum_scaled(self._terms(x0, v, self.order), start=0)
+
+    # ------------------------------------------------------------------ means
+    def exact_route(self, d: int) -> str:
+        """The exact route ``"cubature"`` or ``"laplacian"`` used in dimension ``d``.
+
+        Raises:
+            VarRedError: the forced or every route needs more than ``max_evaluations`` rows.
+        """
+        k_even = self.order - self.order % 2
+        rows = {"cubature": cubature_size(d, k_even), "laplacian": laplacian_rows(d, k_even // 2)}
+        cost = {"cubature": rows["cubature"] * 2**k_even, "laplacian": 0}
+        cost["laplacian"] = sum(math.comb(d + m - 1, m) * 4**m for m in range(1, k_even // 2 + 1))
+        allowed = [r for r in rows if rows[r] <= self.max_evaluations]
+        if self.exact_method != "auto":
+            allowed = [r for r in allowed if r == self.exact_method]
+        if not allowed:
+            raise VarRedError(
+                f"expectation: the exact mean for d={d}, order={self.order} needs "
+                f"{rows} rows, more than max_evaluations={self.max_evaluations} "
+                f"(exact_method={self.exact_method!r}); use expectation='probe' (unbiased, any d)"
+            )
+        return min(allowed, key=lambda r: cost[r])
+
+    def _even_mean(self, d: int, like: torch.Tensor) -> torch.Tensor | None:
+        """``Σ_{even 2 ≤ j ≤ k} E[D^j f̃(0)[ε^j]] / j!`` ``[*out]`` (``None`` when ``k < 2``)."""
+        k_even = self.order - self.order % 2
+        if k_even < 2:
+            return None
+        point = self._point(d, like)  # [1, d]
+        if self.exact_route(d) == "cubature":
+            nodes, weights = gauss_hermite_cubature(
+                d, k_even, dtype=like.dtype, device=like.device, max_nodes=self.max_evaluations
+            )  # [M, d], [M]
+            terms = self._terms(point.expand_as(nodes).clone(), self._directions(nodes), k_even)
+            even = sum_scaled(terms, start=2, step=2)  # [M, *out]
+            return (weights.reshape(-1, *([1] * (even.ndim - 1))) * even).sum(0)
+        L = None if self.scale_tril is None else self.scale_tril.to(like)
+        if not self._f_checked:
+            self._check_f(point)
+        total: torch.Tensor | None = None
+        for m in range(1, k_even // 2 + 1):
+            try:
+                lap = iterated_laplacian(
+                    self.f, point[0], m, scale_tril=L, chunk_size=self.chunk_size
+                )
+            except RuntimeError as err:
+                raise VarRedError(
+                    f"f: expected a function that torch.func.jvp can differentiate along its "
+                    f"input; got the error: {err}"
+                ) from err
+            # E[D^{2m}[ε^{2m}]] / (2m)! = (2m − 1)!! Δ^m / (2m)! = Δ^m / (2^m m!)
+            part = lap / (2**m * math.factorial(m))
+            total = part if total is None else total + part
+        return total
+
+    def expectation(
+        self,
+        *,
+        d: int | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Exact ``E[T^k f̃(ε)] = Σ_{m ≤ k/2} Δ^m f̃(0) / (2^m m!)`` ``[*out]``.
+
+        Args:
+            d: dimension; needed only when neither ``mean`` nor ``scale_tril`` was given.
+            dtype: dtype of the evaluation points when ``mean`` is not given.
+            device: device of the evaluation points when ``mean`` is not given.
+
+        Raises:
+            VarRedError: ``d`` missing or inconsistent, or the exact mean is unaffordable.
+        """
+        known = self._dim()
+        if d is None and known is None:
+            raise VarRedError("d: expected the dimension (no mean/scale_tril given), got None")
+        if d is not None and known is not None and d != known:
+            raise VarRedError(f"d: expected {known} to match mean/scale_tril, got {d}")
+        d = known if d is None else check_order(d, name="d")
+        assert d is not None
+        like = self.mean if self.mean is not None else torch.zeros((), dtype=dtype, device=device)
+        point = self._point(d, like)
+        f0 = self._terms(point, torch.zeros_like(point), 0)[0][0]  # f̃(0) [*out]
+        even = self._even_mean(d, point)
+        return f0 if even is None else f0 + even
+
+    def _probes(
+        self,
+        eps: torch.Tensor,
+        generator: torch.Generator | None,
+        probe_noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Probes ``[P, n, d]`` from ``probe_noise`` or drawn with ``generator``."""
+        shape = (self.num_probes, *eps.shape)
+        if probe_noise is not None:
+            probe_noise = check_floating("probe_noise", probe_noise)
+            if tuple(probe_noise.shape) != shape:
+                raise VarRedError(
+                    f"probe_noise: expected shape [{shape[0]}, {shape[1]}, {shape[2]}] "
+                    f"(num_probes, n, d), got {shape_str(probe_noise)}"
+                )
+            return check_finite("probe_noise", probe_noise).to(eps)
+        if generator is None:
+            raise VarRedError(
+                "generator: expectation='probe' needs independent probes; expected a "
+                "torch.Generator or probe_noise [num_probes, n, d], got neither"
+            )
+        if self.probe_distribution == "gaussian":
+            return torch.randn(
+                shape, generator=generator, dtype=eps.dtype, device=generator.device
+            ).to(eps.device)
+        signs = torch.randint(0, 2, shape, generator=generator, device=generator.device)
+        return (2 * signs - 1).to(eps)
+
+    def __call__(
+        self,
+        eps: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        probe_noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Zero-mean control ``T^k f̃(ε) − E[T^k f̃]`` ``[n, d] -> [n, *out]``.
+
+        ``f̃(0)`` cancels exactly; odd orders have mean zero and are never subtracted.
+
+        Args:
+            eps: standard-normal samples ``[n, d]``.
+            generator: draws the probes (``expectation="probe"``, ``order ≥ 2``).
+            probe_noise: explicit probes ``[num_probes, n, d]`` instead of ``generator``.
+        """
+        x0, v = self._prepare(eps)
+        n, d = eps.shape
+        k = self.order
+        if self.expectation_kind == "probe" and k >= 2:
+            probes = self._probes(eps, generator, probe_noise)  # [P, n, d]
+            pv = self._directions(probes).reshape(-1, d)  # [P, n, d] -> [P*n, d]
+            x_all = torch.cat([x0, x0[:1].expand(pv.shape[0], d)])  # [(1+P)n, d]
+            terms = self._terms(x_all, torch.cat([v, pv]), k)
+            sample = sum_scaled([t[:n] for t in terms], start=1)  # [n, *out]
+            probe = sum_scaled([t[n:] for t in terms], start=2, step=2)  # [P*n, *out]
+            return sample - probe.reshape(self.num_probes, n, *probe.shape[1:]).mean(0)
+        if k == 0:  # T^0 f̃ = f̃(0) is its own mean: the control is zero (shape from one row)
+            y0 = self._terms(x0[:1], v[:1], 0)[0]  # [1, *out]
+            return torch.zeros((n, *y0.shape[1:]), dtype=y0.dtype, device=y0.device)
+        terms = self._terms(x0, v, k)
+        out = sum_scaled(terms, start=1)
+        even = self._even_mean(d, eps) if self.expectation_kind == "exact" else None
+        return out if even is None else out - even
+
+
+def sum_scaled(terms: list[torch.Tensor], start: int, step: int = 1) -> torch.Tensor:
+    """``Σ_{j = start, start + step, …} terms[j] / j!`` (``terms[j] = D^j f[v^j]``)."""
+    picked = [terms[j] / math.factorial(j) for j in range(start, len(terms), step)]
+    if not picked:
+        return torch.zeros_like(terms[0])
+    total = picked[0]
+    for t in picked[1:]:
+        total = total + t
+    return total
