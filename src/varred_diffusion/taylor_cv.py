@@ -1,8 +1,403 @@
-"""STUB: being written. Replace this whole file."""
+"""Taylor control variates ``C^k`` for denoising score matching.
 
-__all__ = ['dsm_taylor_cv']
+Jeha, Grathwohl, Andersen, Ek, Frellsen (2024), "Variance reduction of diffusion
+model's gradients with Taylor approximation-based control variate": replace the
+score at the noisy point by its order-``k`` Taylor polynomial about the clean point
+``αx`` and subtract the polynomial loss's mean over ``ε``:
+
+.. math::
+    T^k(ε) = Σ_{j≤k} \\frac{σ^j}{j!} D^j_x s_θ(αx)[ε^{⊗j}],\\qquad
+    h(ε) = \\frac{λ}{σ^2}\\,\\lVert σ T^k(ε) + ε \\rVert^2,\\qquad
+    C^k = h(ε) - E_ε h.
+
+Write ``t_j = D^j s(αx)[(σε)^{⊗j}] / j!`` (so ``T = Σ t_j``), ``Q = ‖T‖² - ‖t_0‖²`` and
+``R = (T - t_0)ᵀε``. Expanding the square,
+
+.. math:: C^k = λ (Q - E Q) + \\frac{2λ}{σ}(t_0ᵀε + R - E R) + \\frac{λ}{σ^2}(‖ε‖^2 - d),
+
+which is how it is computed: the ``‖ε‖² - d`` and ``t_0`` parts have known means and
+are never formed from differences of large numbers (finite in float32 at σ = 1e-4).
+``E Q`` and ``E R`` come from Gauss–Hermite cubature or a basis sum ("exact"), or are
+estimated without bias from probes independent of ``ε`` ("probe", "hutchinson").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
+from varred.gaussian import gauss_hermite_cubature
+from varred.taylor import taylor_terms
+
+__all__ = ["AUTO_EXACT_MAX_EVALS", "dsm_taylor_cv", "resolve_expectation"]
+
+ScoreFn = Callable[..., Tensor]
+Weighting = Callable[[Tensor], Tensor] | Tensor | float | None
+
+#: "auto" uses exact means while they cost at most this many extra score
+#: evaluations (with derivatives) per sample: ``d`` for k = 1, ``(k+1)^d`` for k ≥ 2.
+AUTO_EXACT_MAX_EVALS = 64
+_EXPECTATIONS = ("auto", "exact", "probe", "hutchinson")
 
 
-def dsm_taylor_cv(*args, **kwargs):  # stub
-    raise NotImplementedError('dsm_taylor_cv is not written yet')
+def _per_sample(name: str, v: Any, b: int, like: Tensor, default: float | None) -> Tensor:
+    """Broadcast a float / 0-d / ``[B]`` argument to ``[B]`` in ``like``'s dtype and device."""
+    if v is None:
+        if default is None:
+            raise VarRedError(f"{name}: expected a float or a tensor of shape [{b}], got None")
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
+        raise VarRedError(
+            f"{name}: expected a float or a tensor of shape [{b}], got {type(v).__name__}"
+        )
+    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if t.shape != (b,):
+        raise VarRedError(
+            f"{name}: expected a float, a 0-d tensor or shape [{b}], got {shape_str(t)}"
+        )
+    return t
 
+
+def _weights(weighting: Weighting, sigma: Tensor) -> Tensor:
+    """λ(σ) per sample ``[B]``; default ``σ²``."""
+    if weighting is None:
+        return sigma * sigma
+    if callable(weighting):
+        lam = weighting(sigma)
+        if not isinstance(lam, Tensor):
+            lam = torch.as_tensor(lam, dtype=sigma.dtype, device=sigma.device)
+        lam = lam.to(sigma.dtype)
+        if lam.ndim == 0:
+            lam = lam.expand_as(sigma)
+        if lam.shape != sigma.shape:
+            raise VarRedError(
+                f"weighting: expected the callable to return shape {shape_str(sigma)}, got {shape_str(lam)}"
+            )
+        return lam
+    return _per_sample("weighting", weighting, sigma.shape[0], sigma, None)
+
+
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    """``[B] -> [B, 1, ..., 1]`` to broadcast against ``like`` ``[B, ...]``."""
+    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner product ``[B, ...] x [B, ...] -> [B]``."""
+    return (a * b).flatten(1).sum(1)
+
+
+def _repeat_kwargs(kwargs: Mapping[str, Any], b: int, reps: int) -> dict[str, Any]:
+    """Tile tensors whose first dimension is the batch ``b`` to ``reps * b`` rows."""
+    out: dict[str, Any] = {}
+    for key, val in kwargs.items():
+        if reps > 1 and isinstance(val, Tensor) and val.ndim >= 1 and val.shape[0] == b:
+            val = val.repeat(reps, *([1] * (val.ndim - 1)))
+        out[key] = val
+    return out
+
+
+def _terms(
+    score_fn: ScoreFn,
+    x0: Tensor,
+    sigma: Tensor,
+    v: Tensor,
+    order: int,
+    kwargs: Mapping[str, Any],
+    batch: int,
+) -> list[Tensor]:
+    """``t_j = D^j s(x0)[v^{⊗j}] / j!`` for ``j = 0..order``, each ``[N, ...]``.
+
+    ``x0``, ``v``: ``[N, ...]``, ``sigma``: ``[N]``; ``N`` is a multiple of the user's
+    batch ``batch`` (stacked copies; kwargs tiled accordingly).
+    """
+    kw = _repeat_kwargs(kwargs, batch, x0.shape[0] // batch)
+
+    def f(y: Tensor) -> Tensor:
+        return score_fn(y, sigma, **kw)
+
+    raw = taylor_terms(f, x0, v, order)
+    if raw[0].shape != x0.shape:
+        raise VarRedError(
+            f"score_fn: expected an output of the input's shape {shape_str(x0)}, got {shape_str(raw[0])}"
+        )
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # autocast: reduce in >= float32
+    return [r.to(dtype) / math.factorial(j) for j, r in enumerate(raw)]
+
+
+def _parts_by_degree(t: list[Tensor], eps: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """Homogeneous parts of ``Q = ‖T‖² - ‖t_0‖²`` and ``R = (T - t_0)ᵀε`` by degree in ε.
+
+    Returns:
+        ``(q, r)``: dicts degree -> ``[B]``; ``q[m] = Σ_{i+j=m, (i,j)≠(0,0)} t_iᵀt_j``,
+        ``r[j+1] = t_jᵀε`` for ``j ≥ 1``.
+    """
+    q: dict[int, Tensor] = {}
+    k = len(t) - 1
+    for i in range(k + 1):
+        for j in range(i, k + 1):
+            if i == j == 0:
+                continue
+            term = _dot(t[i], t[j]) * (1.0 if i == j else 2.0)
+            q[i + j] = q[i + j] + term if i + j in q else term
+    r = {j + 1: _dot(t[j], eps) for j in range(1, k + 1)}
+    return q, r
+
+
+def _even_sum(parts: dict[int, Tensor], keep: Callable[[int], bool], like: Tensor) -> Tensor:
+    """Sum of the even-degree parts whose degree passes ``keep`` (zeros ``[B]`` if none)."""
+    out = torch.zeros_like(like)
+    for deg, val in parts.items():
+        if deg % 2 == 0 and keep(deg):
+            out = out + val
+    return out
+
+
+def resolve_expectation(expectation: str, order: int, dim: int) -> str:
+    """The mean method ``"auto"`` picks (or the one given, validated) for ``order`` and ``dim``.
+
+    ``"exact"`` for k = 0 always, and for k ≥ 1 while its cost (``d`` evaluations for
+    k = 1, ``(k+1)^d`` cubature nodes for k ≥ 2) is at most ``AUTO_EXACT_MAX_EVALS``;
+    otherwise ``"hutchinson"`` for k ≤ 2 (lower variance than "probe", measured in
+    docs/diffusion.md) and ``"probe"`` beyond.
+    """
+    if expectation not in _EXPECTATIONS:
+        raise VarRedError(f"expectation: expected one of {_EXPECTATIONS}, got {expectation!r}")
+    if expectation == "hutchinson" and order > 2:
+        raise VarRedError(
+            f"expectation: 'hutchinson' provides the means for order <= 2, got order={order}; "
+            "use 'probe' or 'exact'"
+        )
+    if expectation != "auto":
+        return expectation
+    if order == 0:
+        return "exact"
+    cost = dim if order == 1 else (order + 1) ** min(dim, 64)
+    if cost <= AUTO_EXACT_MAX_EVALS:
+        return "exact"
+    return "hutchinson" if order <= 2 else "probe"
+
+
+def _check_noise(name: str, v: Any, x: Tensor) -> Tensor:
+    check_floating(name, v)
+    if v.shape != x.shape:
+        raise VarRedError(f"{name}: expected the shape of x {shape_str(x)}, got {shape_str(v)}")
+    return v.to(dtype=x.dtype)
+
+
+def _draw(
+    kind: str, x: Tensor, given: Tensor | None, generator: torch.Generator | None, name: str
+) -> Tensor:
+    """A probe like ``x``: the given one (checked) or drawn from ``generator``."""
+    if given is not None:
+        return _check_noise(name, given, x)
+    if generator is None:
+        raise VarRedError(
+            f"generator: expected a torch.Generator (or {name}) for the probe-based mean, got None"
+        )
+    if kind == "rademacher":
+        z = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
+        return (2 * z - 1).to(x.dtype)
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def _exact_directions(x0: Tensor, order: int) -> tuple[Tensor, Tensor]:
+    """Exact-mean directions ``[M, ...]`` and weights ``[M]``: basis (k = 1) or cubature (k ≥ 2)."""
+    d = x0[0].numel()
+    if order == 1:
+        # E‖t_1‖² = σ²‖J‖_F² = Σ_i ‖σ J e_i‖², E t_1ᵀε = σ tr J = Σ_i (σ J e_i)ᵀ e_i
+        nodes = torch.eye(d, dtype=x0.dtype, device=x0.device)  # [d, d]
+        weights = torch.ones(d, dtype=x0.dtype, device=x0.device)
+    else:
+        # Q has degree 2k and R degree k+1 <= 2k in ε: (k+1) points per axis
+        nodes, weights = gauss_hermite_cubature(
+            d, 2 * order, dtype=x0.dtype, device=x0.device
+        )  # [M, d], [M]
+    return nodes.reshape(-1, *x0.shape[1:]), weights.to(x0.dtype)
+
+
+def _probe_directions(
+    x0: Tensor,
+    order: int,
+    method: str,
+    probe_noise: Tensor | tuple[Tensor, Tensor] | None,
+    generator: torch.Generator | None,
+) -> list[Tensor]:
+    """The probes ``[B, ...]`` each, independent of ε: ``[g]`` ("probe"), ``[z]`` or ``[z, g]``."""
+    if method == "probe" or order == 1:
+        if isinstance(probe_noise, tuple):
+            raise VarRedError(
+                f"probe_noise: expected one tensor for expectation={method!r} with order {order}, "
+                "got a tuple"
+            )
+        kind = "gaussian" if method == "probe" else "rademacher"
+        return [_draw(kind, x0, probe_noise, generator, "probe_noise")]
+    if probe_noise is not None and not (isinstance(probe_noise, tuple) and len(probe_noise) == 2):
+        raise VarRedError(
+            "probe_noise: expected a pair (rademacher, gaussian) for hutchinson with order 2, "
+            f"got {shape_str(probe_noise)}"
+        )
+    z0, g0 = (None, None) if probe_noise is None else probe_noise
+    return [
+        _draw("rademacher", x0, z0, generator, "probe_noise[0]"),
+        _draw("gaussian", x0, g0, generator, "probe_noise[1]"),
+    ]
+
+
+def _probe_means(t: list[Tensor], probes: list[Tensor], method: str) -> tuple[Tensor, Tensor]:
+    """Unbiased ``(E Q, E R)`` ``[B]`` from the terms ``t`` at the stacked probes.
+
+    "probe": the even parts of ``Q``, ``R`` at a Gaussian ``ε'`` (the symmetrisation
+    ``(P(ε') + P(-ε'))/2`` keeps exactly the even degrees, since ``t_j(-ε') = (-1)^j t_j(ε')``).
+    "hutchinson": the degree-2 parts at a Rademacher ``z`` (``E zᵀAz = tr A``); for k = 2
+    the degree-4 part ``‖t_2‖²`` at a separate Gaussian ``g`` (Rademacher fourth moments differ).
+    """
+    b = probes[0].shape[0]
+    if method == "probe":
+        q, r = _parts_by_degree(t, probes[0])
+        zero = torch.zeros(b, dtype=t[0].dtype, device=t[0].device)
+        return _even_sum(q, lambda _: True, zero), _even_sum(r, lambda _: True, zero)
+    tz = [u[:b] for u in t]
+    er = _dot(tz[1], probes[0])
+    if len(t) == 2:
+        return _dot(tz[1], tz[1]), er
+    tg2 = t[2][b:]
+    return 2 * _dot(tz[0], tz[2]) + _dot(tz[1], tz[1]) + _dot(tg2, tg2), er
+
+
+def dsm_taylor_cv(
+    score_fn: ScoreFn,
+    x: Tensor,
+    sigma: Tensor | float,
+    noise: Tensor,
+    order: int = 0,
+    *,
+    weighting: Weighting = None,
+    alpha: Tensor | float | None = None,
+    expectation: str = "auto",
+    probe_noise: Tensor | tuple[Tensor, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    score_kwargs: Mapping[str, Any] | None = None,
+    validate: bool = True,
+) -> Tensor:
+    """Per-sample zero-mean DSM Taylor control variate ``C^k`` (Jeha et al., 2024).
+
+    .. math:: C^k = \\frac{λ}{σ^2}\\lVert σ T^k s + ε\\rVert^2
+              - E_ε\\Big[\\frac{λ}{σ^2}\\lVert σ T^k s + ε\\rVert^2\\Big],
+              \\quad T^k s = Σ_{j≤k} \\frac{σ^j}{j!} D^j_x s_θ(αx)[ε^{⊗j}].
+
+    ``E_ε C^k = 0`` for every θ (exactly with ``expectation="exact"``; in expectation
+    over the probes otherwise), so ``∇_θ C^k`` is a zero-mean control for the DSM
+    gradient. k = 0 is ``λ(2εᵀs(αx)/σ + (‖ε‖² - d)/σ²)``: one score evaluation at the
+    clean point, no derivatives, no probes.
+
+    Args:
+        score_fn: ``score_fn(x [N, ...], sigma [N], **score_kwargs) -> [N, ...]``;
+            rows must be independent (no batch statistics).
+        x: clean data ``[B, ...]``.
+        sigma: noise levels: float, 0-d or ``[B]``, all > 0.
+        noise: the ε of the DSM loss ``[B, ...]`` (same shape as ``x``).
+        order: Taylor order ``k ≥ 0``.
+        weighting: λ(σ): ``None`` (σ²), a float, a ``[B]`` tensor or a callable ``[B] -> [B]``.
+        alpha: signal scale α (float, 0-d or ``[B]``; ``None`` = 1, VE).
+        expectation: how ``E_ε h`` is obtained: "exact" (cubature / basis sums; any k,
+            cost ``d`` (k = 1) or ``(k+1)^d`` (k ≥ 2) evaluations per sample),
+            "hutchinson" (Rademacher probes; k ≤ 2), "probe" (the polynomial's even
+            part at an independent Gaussian; any k) or "auto" (see ``resolve_expectation``).
+        probe_noise: optional probes ``[B, ...]`` (Gaussian for "probe", Rademacher for
+            "hutchinson" k = 1, a pair (Rademacher, Gaussian) for "hutchinson" k = 2);
+            must be independent of ``noise``.
+        generator: draws the probes when ``probe_noise`` is not given.
+        score_kwargs: extra keyword arguments to ``score_fn`` (tensors with first
+            dimension ``B`` are tiled when evaluations are stacked).
+        validate: check ``x`` finite and ``σ`` finite and > 0 (host syncs; turn off in
+            hot loops).
+
+    Returns:
+        ``[B]`` control values, differentiable in the parameters of ``score_fn``.
+
+    Raises:
+        VarRedError: bad σ (shape, ≤ 0, non-finite), non-finite ``x``, ``noise`` or
+            ``probe_noise`` of the wrong shape, an invalid ``order`` or one the chosen
+            ``expectation`` cannot provide, a ``score_fn`` output of the wrong shape,
+            probes needed but neither ``probe_noise`` nor ``generator`` given.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 2)
+        >>> score = lambda y, s: net(y)
+        >>> x, eps = torch.randn(4, 2), torch.randn(4, 2)
+        >>> dsm_taylor_cv(score, x, torch.full((4,), 0.1), eps, order=1).shape
+        torch.Size([4])
+    """
+    order = check_order(order)
+    check_floating("x", x)
+    if x.ndim < 2:
+        raise VarRedError(
+            f"x: expected shape [B, ...] with at least 2 dimensions, got {shape_str(x)}"
+        )
+    if validate:
+        check_finite("x", x)
+    noise = _check_noise("noise", noise, x)
+    b = x.shape[0]
+    d = x[0].numel()
+    sig = _per_sample("sigma", sigma, b, x, None)
+    if validate:
+        check_finite("sigma", sig)
+    if validate and bool((sig <= 0).any()):
+        raise VarRedError(f"sigma: expected values > 0, got min {float(sig.min()):.3g}")
+    method = resolve_expectation(expectation, order, d)
+    a = _per_sample("alpha", alpha, b, x, 1.0)
+    lam = _weights(weighting, sig)
+    kwargs: dict[str, Any] = dict(score_kwargs or {})
+
+    x0 = _bcast(a, x) * x
+    if order == 0:
+        t = _terms(score_fn, x0, sig, _bcast(sig, noise) * noise, 0, kwargs, b)
+        lin = _dot(t[0], noise)  # s_0ᵀε: [B]
+        noise_part = (noise * noise).flatten(1).sum(1) - d  # ‖ε‖² - d: [B]
+        return lam * (2 * lin / sig + noise_part / (sig * sig))
+
+    # one stacked Taylor call: rows [ε ; probes or exact directions], B rows each
+    if method == "exact":
+        dirs, weights = _exact_directions(x0, order)
+        m = dirs.shape[0]
+        extra = dirs.unsqueeze(1).expand(m, *x0.shape).reshape(m * b, *x0.shape[1:])
+    else:
+        probes = _probe_directions(x0, order, method, probe_noise, generator)
+        extra = torch.cat(probes)
+    reps = 1 + extra.shape[0] // b
+    v = torch.cat([noise, extra])  # [reps*B, ...]
+    sig_r = sig.repeat(reps)
+    t_all = _terms(
+        score_fn,
+        x0.repeat(reps, *([1] * (x.ndim - 1))),
+        sig_r,
+        _bcast(sig_r, v) * v,
+        order,
+        kwargs,
+        b,
+    )
+    t = [u[:b] for u in t_all]
+    rest = [u[b:] for u in t_all]
+    if method == "exact":
+        q_m, r_m = _parts_by_degree(rest, extra)
+        zero = torch.zeros(extra.shape[0], dtype=rest[0].dtype, device=x.device)
+        w = weights.reshape(m, 1)
+        eq = (w * _even_sum(q_m, lambda _: True, zero).reshape(m, b)).sum(0)
+        er = (w * _even_sum(r_m, lambda _: True, zero).reshape(m, b)).sum(0)
+    else:
+        eq, er = _probe_means(rest, probes, method)
+
+    noise_part = (noise * noise).flatten(1).sum(1) - d  # ‖ε‖² - d: [B]
+    lin = _dot(t[0], noise)  # t_0ᵀε: [B]
+    q_parts, r_parts = _parts_by_degree(t, noise)
+    q = sum(q_parts.values(), torch.zeros_like(lin))
+    r = sum(r_parts.values(), torch.zeros_like(lin))
+    return lam * (q - eq) + (2 * lam / sig) * (lin + r - er) + lam * noise_part / (sig * sig)
