@@ -206,6 +206,12 @@ class ImportanceSigmaSampler:
         if self.process_group is not None:
             s, ell = self._gather(s), self._gather(ell)
         s, ell = s.cpu(), ell.cpu()
+        if not bool(torch.isfinite(ell).all() & torch.isfinite(s).all()):
+            bad = int((~torch.isfinite(ell)).sum() + (~torch.isfinite(s)).sum())
+            raise VarRedError(
+                f"losses: expected finite losses and sigma, got {bad} NaN/Inf values "
+                f"(shape {shape_str(losses)}); the loss history is left unchanged"
+            )
         idx = self.bins.index(s)
         for b in torch.unique(idx).tolist():
             new = ell[idx == b]

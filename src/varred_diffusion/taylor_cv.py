@@ -55,7 +55,9 @@ def _per_sample(name: str, v: Any, b: int, like: Tensor, default: float | None) 
         raise VarRedError(
             f"{name}: expected a float or a tensor of shape [{b}], got {type(v).__name__}"
         )
-    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    if not isinstance(v, Tensor):  # a Python number: no host-to-device copy
+        return torch.full((b,), float(v), dtype=like.dtype, device=like.device)
+    t = v.to(dtype=like.dtype, device=like.device)
     if t.ndim == 0:
         t = t.expand(b)
     if t.shape != (b,):

@@ -67,7 +67,8 @@ class ControlledDSM:
             kernels); ``False`` (default) two forwards of ``B``, so each of GradientControl's
             two backward passes covers ``B`` rows instead of ``2B``: same time on an H100,
             2.1× instead of 2.5× the plain step's memory (docs/diffusion.md).
-        validate: input checks with host syncs in ``dsm_loss`` / ``dsm_taylor_cv``.
+        validate: input checks with host syncs in ``dsm_loss``, ``dsm_taylor_cv`` and
+            ``GradientControl`` (its groups range check); ``False`` makes the step sync-free.
         control_kwargs: further keyword arguments for ``GradientControl`` (for k ≥ 1 with
             ``bins`` the default ``group_backward`` is "loop": vmap over a backward through
             forward-mode AD fails in torch 2.13).
@@ -118,6 +119,7 @@ class ControlledDSM:
         self.validate = bool(validate)
         num_groups = 1 if bins is None else _num_bins(bins)
         extra = dict(control_kwargs or {})
+        extra.setdefault("validate", self.validate)
         if self.order > 0 and num_groups > 1:
             extra.setdefault("group_backward", "loop")
         self.control = GradientControl(

@@ -154,11 +154,6 @@ def test_nan_x_rejected_by_validation_for_higher_orders(seed, order):
     assert all(torch.equal(after[k], v) for k, v in before.items() if torch.is_tensor(v))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ImportanceSigmaSampler.update records NaN/Inf losses into its buffer "
-    "(src/varred_diffusion/sampling.py, update): it should raise VarRedError before any change",
-)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_sigma_sampler_refuses_nonfinite_losses(bad):
     """A non-finite loss must not enter the importance sampler's history."""
