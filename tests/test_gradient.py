@@ -513,8 +513,159 @@ def test_load_state_dict_errors():
         ctrl.load_state_dict({k: v for k, v in sd.items() if k != "weight"})
     with pytest.raises(
         VarRedError,
-        match=r"state_dict\['cov_cl.0'\]: expected a tensor of shape \[2, 3\], got \[1, 3\]",
+        match=r"state_dict\['cov_cl'\]: expected a tensor of shape \[2, 3\], got \[1, 3\]",
     ):
-        ctrl.load_state_dict({**sd, "cov_cl.0": torch.zeros(1, 3, dtype=F64)})
+        ctrl.load_state_dict({**sd, "cov_cl": torch.zeros(1, 3, dtype=F64)})
     with pytest.raises(VarRedError, match=r"state_dict\['num_groups'\]: expected 2, got 3"):
         ctrl.load_state_dict({**sd, "num_groups": 3})
+
+
+# ----------------------------------------------------------------- group backward "auto"
+def conv_net() -> torch.nn.Module:
+    torch.manual_seed(0)  # test-side model init only
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+        torch.nn.Flatten(), torch.nn.Linear(64, 1),
+    ).to(F64)  # fmt: skip
+
+
+def _jvp_batch(net, x, z):
+    """Losses and a control built from a first-order Taylor term (``torch.func.jvp``)."""
+    losses = net(x).squeeze(1) ** 2  # [B]
+    _, tangent = torch.func.jvp(net, (x,), (z,))  # [B, 1] directional derivative along z
+    return losses, tangent.squeeze(1) * z[:, 0, 0, 0]
+
+
+def test_auto_group_backward_falls_back_for_jvp_controls(generator):
+    net = conv_net()
+    x = torch.randn(6, 1, 4, 4, generator=generator, dtype=F64)
+    z = torch.randn(6, 1, 4, 4, generator=generator, dtype=F64)
+    groups = torch.tensor([0, 1, 2, 0, 1, 2])
+    kw = {"coefficient": 0.7, "num_groups": 3}
+    # the premise: vmap over a backward through jvp of GroupNorm + SiLU (as in SmallUNet) fails
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        GradientControl(net.parameters(), group_backward="batched", **kw).backward(
+            *_jvp_batch(net, x, z), groups
+        )
+    auto = GradientControl(net.parameters(), **kw)  # default "auto"
+    for _ in range(2):  # the second step reuses the remembered choice
+        auto.backward(*_jvp_batch(net, x, z), groups)
+        got = grads(net.parameters())
+        GradientControl(net.parameters(), group_backward="loop", **kw).backward(
+            *_jvp_batch(net, x, z), groups
+        )
+        for g, p in zip(got, net.parameters()):
+            assert torch.equal(g, p.grad)
+    assert auto._batched_choice == {"losses": None, "controls": False}
+    net.zero_grad()
+    losses, controls = _jvp_batch(net, x, z)
+    (losses - 0.7 * controls).mean().backward()  # fixed β = the controlled objective
+    for g, p in zip(got, net.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-13, atol=1e-15)
+    # per-sample mode falls back too (B single-row passes)
+    ps = GradientControl(net.parameters(), coefficient="per_sample", num_groups=3)
+    assert bool(ps.backward(*_jvp_batch(net, x, z), groups)["finite"])
+    assert ps._batched_choice == {"losses": True, "controls": False}
+
+
+def test_auto_group_backward_keeps_batched_when_it_works(generator):
+    net = mlp()
+    x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+    ctrl = GradientControl(net.parameters(), coefficient=0.3, num_groups=2)
+    ctrl.backward(*mlp_batch(net, x, z), torch.arange(6) % 2)
+    assert ctrl._batched_choice["controls"] is True
+
+
+# ----------------------------------------------------------------- variance-ratio diagnostic
+def test_variance_ratio_is_tracked_applied_over_plain(generator):
+    """decay = 1: exactly tr Var(applied grads) / tr Var(plain grads) over the β-active steps."""
+    prob = Linear(generator)
+    ctrl = GradientControl([prob.theta], decay=1.0, warmup_steps=3, num_groups=2)
+    groups = torch.tensor([0, 1, 1, 0, 1])
+    applied, plain = [], []
+    for t in range(12):
+        losses, controls, a, _ = prob.batch(5, groups)
+        d = ctrl.backward(losses, controls, groups)
+        if t < 4:  # β = 0 for the first 3 steps; one active observation has no variance yet
+            assert float(d["variance_ratio"]) == 1.0
+        if t >= 3:
+            applied.append(prob.theta.grad.clone())
+            plain.append(a.mean(0))
+    ga, gp = torch.stack(applied), torch.stack(plain)
+    want = ga.var(0, correction=0).sum() / gp.var(0, correction=0).sum()
+    torch.testing.assert_close(d["variance_ratio"], want, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_variance_ratio_never_negative_with_many_groups(seed):
+    """The reported regression: σ-binned MLP, k = 0-style controls, 19 steps (was −0.18)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = mlp(seed)
+    ctrl = GradientControl(net.parameters(), num_groups=8, warmup_steps=2)
+    per_sample = GradientControl(net.parameters(), num_groups=8, coefficient="per_sample")
+    for _ in range(19):
+        x = torch.randn(32, 3, generator=gen, dtype=F64)
+        eps = torch.randn(32, 3, generator=gen, dtype=F64)
+        sigma = torch.exp(torch.rand(32, generator=gen, dtype=F64) * -5)
+        groups = (torch.log(sigma) / -5 * 8).long().clamp(0, 7)
+        for c in (ctrl, per_sample):
+            out = net(x + sigma[:, None] * eps).squeeze(1)
+            losses = (out + eps[:, 0] / sigma) ** 2 * sigma**2
+            controls = 2 * sigma * net(x).squeeze(1) * eps[:, 0]  # mean zero given x
+            d = c.backward(losses, controls, groups)
+            for key in ("variance_ratio", "variance_ratio_per_group"):
+                assert bool((d[key] >= 0).all()) and bool(torch.isfinite(d[key]).all()), key
+    # per-sample mode: within-group in-sample fit, hence also ≤ 1
+    assert float(d["variance_ratio"]) <= 1.0
+
+
+def test_variance_ratio_one_without_control(generator):
+    prob = Linear(generator)
+    ctrl = GradientControl([prob.theta], warmup_steps=1)
+    for _ in range(5):
+        losses, _, _, _ = prob.batch(4)
+        d = ctrl.backward(losses, losses.detach() * 0)  # controls without gradient
+    assert float(d["variance_ratio"]) == 1.0
+    assert float(d["variance_ratio_per_group"][0]) == 1.0
+
+
+# ----------------------------------------------------------------- flat layout
+def test_tensor_pooling_matches_pooled_ratio(generator):
+    net = mlp()
+    ctrl = GradientControl(net.parameters(), granularity="tensor", warmup_steps=1, num_groups=2)
+    for _ in range(4):
+        x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+        ctrl.backward(*mlp_batch(net, x, z), torch.arange(6) % 2)
+    shapes = [p.shape for p in net.parameters()]
+
+    def split(t):  # [G, P] -> per parameter [G, *p]
+        sizes = [math.prod(s) for s in shapes]
+        return [x.reshape(2, *s) for x, s in zip(t.split(sizes, 1), shapes)]
+
+    sd = ctrl.state_dict()
+    want = pooled_ratio(split(sd["cov_cl"]), split(sd["cov_cc"]), "tensor")
+    for got, w in zip(ctrl.coefficients(), want):
+        torch.testing.assert_close(got, w, rtol=1e-13, atol=0)
+
+
+def test_load_legacy_per_parameter_state_dict(generator):
+    net = mlp()
+    ctrl = GradientControl(net.parameters(), num_groups=2, warmup_steps=1)
+    for _ in range(3):
+        x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+        ctrl.backward(*mlp_batch(net, x, z), torch.arange(6) % 2)
+    sd = ctrl.state_dict()
+    sizes = [p.numel() for p in net.parameters()]
+    legacy = {k: sd[k] for k in ("num_groups", "num_params", "weight", "num_updates")}
+    for k in ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll"):
+        for i, (t, p) in enumerate(zip(sd[k].split(sizes, 1), net.parameters())):
+            legacy[f"{k}.{i}"] = t.reshape(t.shape[0], *p.shape)
+    other = GradientControl(net.parameters(), num_groups=2, warmup_steps=1)
+    other.load_state_dict(legacy)
+    for a, b in zip(ctrl.coefficients(), other.coefficients()):
+        assert torch.equal(a, b)
+
+
+def test_params_on_one_device():
+    with pytest.raises(VarRedError, match=r"params\[1\]: expected all parameters on one device"):
+        GradientControl([_p(), torch.nn.Parameter(torch.ones(2, device="meta"))])

@@ -27,6 +27,8 @@ __all__ = ["GradientControl", "GradientControlConfig", "merge_moments", "pooled_
 
 Tensor = torch.Tensor
 _STATS = ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll")
+# running/fixed modes: moments of the applied (controlled) and plain step gradients, see _track
+_TRACK = ("track_weight", "ctl_mean", "plain_mean", "ctl_var", "plain_var")
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class GradientControlConfig:
     nonfinite: str = "propagate"
     raise_on_nonfinite: bool = False
     validate: bool = True
-    group_backward: str = "batched"
+    group_backward: str = "auto"
 
     def __post_init__(self) -> None:
         if self.granularity not in ("element", "tensor", "scalar"):
@@ -74,16 +76,20 @@ class GradientControlConfig:
             )
         if self.nonfinite not in ("propagate", "zero"):
             raise VarRedError(f"nonfinite: expected 'propagate' or 'zero', got {self.nonfinite!r}")
-        if self.group_backward not in ("batched", "loop"):
+        if self.group_backward not in ("auto", "batched", "loop"):
             raise VarRedError(
-                f"group_backward: expected 'batched' or 'loop', got {self.group_backward!r}"
+                f"group_backward: expected 'auto', 'batched' or 'loop', got {self.group_backward!r}"
             )
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den > tiny``, else exactly 0 (never NaN)."""
-    ok = den > torch.finfo(den.dtype).tiny
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(den > torch.finfo(den.dtype).tiny, num / den, 0.0)  # 0/0 not selected
+
+
+def _all_finite(x: Tensor) -> Tensor:
+    """``[]`` bool: no NaN/Inf in ``x`` (two passes: ``x·0`` is 0 exactly where finite)."""
+    return (x * 0).sum() == 0
 
 
 def _lead(x: Tensor, n: int) -> Tensor:
@@ -173,6 +179,11 @@ def _check_params(params: Any) -> list[Tensor]:
                 f"params[{i}]: expected a tensor with requires_grad=True, got requires_grad=False "
                 f"(shape {shape_str(p)})"
             )
+        if p.device != plist[0].device:
+            raise VarRedError(
+                f"params[{i}]: expected all parameters on one device ({plist[0].device}), "
+                f"got {p.device}"
+            )
         if id(p) not in seen:
             seen.add(id(p))
             out.append(p)
@@ -193,8 +204,13 @@ class GradientControl:
     ``[num_groups, 1, ..., 1]`` (tensor/scalar), fitted without using the current step's
     gradients, so the controlled gradient stays unbiased.
 
+    Internally every gradient and statistic is one flat buffer over the ``P`` parameter entries
+    (``[P]``, ``[G, P]``; parameters in order, each flattened), so a step costs a handful of
+    vectorised kernels whatever the number of parameter tensors.
+
     Args:
-        params: parameter tensors (``requires_grad=True``) whose ``.grad`` is written.
+        params: parameter tensors (``requires_grad=True``, all on one device) whose ``.grad``
+            is written.
         granularity: ``"element"`` (one β per parameter entry), ``"tensor"`` (statistics pooled
             over each tensor) or ``"scalar"`` (pooled over all parameters); always × groups.
         coefficient: ``"running"`` (β from exponentially weighted statistics of earlier steps'
@@ -218,8 +234,11 @@ class GradientControl:
             GradScaler-style checks skip the step, ``"zero"`` writes zeros.
         raise_on_nonfinite: raise :class:`VarRedError` instead (one host sync per step).
         validate: check that ``groups`` lies in ``[0, num_groups)`` (one host sync per step).
-        group_backward: ``"batched"`` (one ``is_grads_batched`` pass over the G group masks)
-            or ``"loop"`` (G passes; for graphs with ops that have no vmap batching rule).
+        group_backward: how the ``G`` group (or ``B`` per-sample) backward passes of the
+            controls run: ``"batched"`` (one ``is_grads_batched`` pass), ``"loop"`` (one pass
+            each; for graphs with ops that have no vmap batching rule, e.g. ``torch.func.jvp``)
+            or ``"auto"`` (default: try batched, fall back to the loop on ``RuntimeError`` and
+            remember the choice for later steps).
 
     Raises:
         VarRedError: invalid options or ``params``.
@@ -248,7 +267,7 @@ class GradientControl:
         nonfinite: str = "propagate",
         raise_on_nonfinite: bool = False,
         validate: bool = True,
-        group_backward: str = "batched",
+        group_backward: str = "auto",
     ) -> None:
         if warmup_steps is None:
             warmup_steps = 1 if coefficient == "per_sample" else 10
@@ -264,6 +283,13 @@ class GradientControl:
         self.process_group = process_group
         is64 = any(p.dtype == torch.float64 for p in self.params)
         self._dtype = torch.float64 if is64 else torch.float32
+        self._device = self.params[0].device
+        self._sizes = [p.numel() for p in self.params]
+        self._numel = sum(self._sizes)
+        # [npar] segment lengths of the flat buffer, for per-tensor pooling (segment_reduce)
+        self._lengths = torch.tensor(self._sizes, dtype=torch.long, device=self._device)
+        choice = {"auto": None, "batched": True, "loop": False}[group_backward]
+        self._batched_choice = {"losses": choice, "controls": choice}  # per graph; auto: None
         self.reset()
 
     # ---------------------------------------------------------------- state
@@ -280,33 +306,65 @@ class GradientControl:
         """Forget all statistics (β returns to 0 until the warmup is over again)."""
         g = self.config.num_groups
         gl = g if self._per_sample else 1
-        dev = self.params[0].device
+        kw: dict[str, Any] = {"dtype": self._dtype, "device": self._device}
+        p = self._numel
         self._stats = {
-            k: [
-                torch.zeros((gl if k.endswith("_l") or k == "cov_ll" else g, *p.shape),
-                            dtype=self._dtype, device=p.device)
-                for p in self.params
-            ]
-            for k in _STATS
+            k: torch.zeros(gl if k in ("mean_l", "cov_ll") else g, p, **kw) for k in _STATS
+        }
+        self._weight = torch.zeros(gl, **kw)
+        self._num_updates = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._track = {} if self._per_sample else {
+            "track_weight": torch.zeros(1, **kw),
+            "ctl_mean": torch.zeros(p, **kw),
+            "plain_mean": torch.zeros(p, **kw),
+            "ctl_var": torch.zeros((), **kw),
+            "plain_var": torch.zeros((), **kw),
         }  # fmt: skip
-        self._weight = torch.zeros(gl, dtype=self._dtype, device=dev)
-        self._num_updates = torch.zeros((), dtype=torch.int64, device=dev)
 
     def state_dict(self) -> dict[str, Any]:
-        """Statistics as tensors and ints only (loadable with ``torch.load(weights_only=True)``)."""
+        """Statistics as tensors and ints only (loadable with ``torch.load(weights_only=True)``).
+
+        Keys: ``num_groups``, ``num_params``, ``num_elements`` (ints), ``weight``,
+        ``num_updates``, the flat statistics ``mean_c``/``cov_cc``/``cov_cl`` ``[G, P]`` and
+        ``mean_l``/``cov_ll`` ``[1 or G, P]``, and in running/fixed modes the tracked moments of
+        the applied gradient (``track_weight``, ``ctl_mean``, ``plain_mean`` ``[P]``,
+        ``ctl_var``, ``plain_var`` ``[]``).
+        """
         sd: dict[str, Any] = {
             "num_groups": self.config.num_groups,
             "num_params": len(self.params),
+            "num_elements": self._numel,
             "weight": self._weight.clone(),
             "num_updates": self._num_updates.clone(),
         }
-        for k in _STATS:
-            for i, t in enumerate(self._stats[k]):
-                sd[f"{k}.{i}"] = t.clone()
+        sd.update({k: v.clone() for k, v in self._stats.items()})
+        sd.update({k: v.clone() for k, v in self._track.items()})
         return sd
 
+    def _from_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Convert the per-parameter layout (``"cov_cl.0"``, …) of earlier versions to flat."""
+        npar = len(self.params)
+        if f"mean_c.{npar - 1}" not in state_dict or "mean_c" in state_dict:
+            return state_dict
+        out = {
+            k: v for k, v in state_dict.items() if not any(k.startswith(s + ".") for s in _STATS)
+        }
+        for k in _STATS:
+            parts = [state_dict.get(f"{k}.{i}") for i in range(npar)]
+            ts = [t for t in parts if isinstance(t, Tensor) and t.dim() > 0]
+            if len(ts) != npar:
+                return state_dict  # let the key check report it
+            out[k] = torch.cat([t.flatten(1) for t in ts], 1)  # [L, *p] -> [L, P]
+        out["num_elements"] = self._numel
+        out.update({k: v.clone() for k, v in self._track.items()})  # not in old checkpoints
+        return out
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict` (shapes must match)."""
+        """Restore statistics saved by :meth:`state_dict` (shapes must match).
+
+        The per-parameter key layout of earlier versions (``"cov_cl.0"``, …) is accepted too.
+        """
+        state_dict = self._from_legacy(dict(state_dict))
         mine = self.state_dict()
         if set(state_dict) != set(mine):
             raise VarRedError(f"state_dict: expected keys {sorted(mine)}, got {sorted(state_dict)}")
@@ -322,10 +380,38 @@ class GradientControl:
                 raise VarRedError(f"state_dict[{key!r}]: expected {ref!r}, got {got!r}")
         self._weight = state_dict["weight"].to(self._weight).clone()
         self._num_updates = state_dict["num_updates"].to(self._num_updates).clone()
-        for k in _STATS:
-            self._stats[k] = [
-                state_dict[f"{k}.{i}"].to(t).clone() for i, t in enumerate(self._stats[k])
-            ]
+        self._stats = {k: state_dict[k].to(v).clone() for k, v in self._stats.items()}
+        self._track = {k: state_dict[k].to(v).clone() for k, v in self._track.items()}
+
+    # ---------------------------------------------------------------- coefficients
+    def _pool(self, num: Tensor, den: Tensor) -> Tensor:
+        """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``."""
+        gran = self.config.granularity
+        if gran == "element":
+            return _safe_div(num, den)
+        if gran == "scalar":
+            return _safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
+        lengths = self._lengths.expand(num.shape[0], -1)  # deterministic segmented sums
+        sn = torch.segment_reduce(num, "sum", lengths=lengths, axis=1)  # [L, npar]
+        sd = torch.segment_reduce(den, "sum", lengths=lengths, axis=1)
+        return _safe_div(sn, sd)
+
+    def _expand(self, beta: Tensor) -> Tensor:
+        """Compact β ``[L, P | npar | 1]`` → broadcastable against ``[L, P]``."""
+        if beta.shape[1] == self._numel or beta.shape[1] == 1:
+            return beta
+        return beta.repeat_interleave(self._lengths, dim=1, output_size=self._numel)
+
+    def _beta(self) -> Tensor:
+        """β the next step applies, compact (see :meth:`_pool`), detached, ``[G, ·]``."""
+        cfg = self.config
+        if not isinstance(cfg.coefficient, str):
+            return torch.full(
+                (cfg.num_groups, 1), float(cfg.coefficient), dtype=self._dtype, device=self._device
+            )
+        beta = self._pool(self._stats["cov_cl"], self._stats["cov_cc"])
+        ready = self._num_updates >= cfg.warmup_steps
+        return torch.where(ready, beta, 0.0)
 
     def coefficients(self) -> list[Tensor]:
         """Current β per parameter (what the next step applies in running modes), detached.
@@ -333,16 +419,13 @@ class GradientControl:
         Returns:
             per parameter ``[num_groups, *p.shape]`` (element) or ``[num_groups, 1, ..., 1]``.
         """
-        cfg = self.config
-        if not isinstance(cfg.coefficient, str):
-            return [
-                torch.full((cfg.num_groups,) + (1,) * p.dim(), float(cfg.coefficient),
-                           dtype=self._dtype, device=p.device)
-                for p in self.params
-            ]  # fmt: skip
-        beta = pooled_ratio(self._stats["cov_cl"], self._stats["cov_cc"], cfg.granularity)
-        ready = self._num_updates >= cfg.warmup_steps
-        return [torch.where(ready, b, torch.zeros_like(b)) for b in beta]
+        beta = self._beta()
+        g, gran = beta.shape[0], self.config.granularity
+        if isinstance(self.config.coefficient, str) and gran == "element":  # [G, P]
+            return [b.view(g, *p.shape) for b, p in zip(beta.split(self._sizes, 1), self.params)]
+        if isinstance(self.config.coefficient, str) and gran == "tensor":  # [G, npar]
+            return [beta[:, i].reshape((g,) + (1,) * p.dim()) for i, p in enumerate(self.params)]
+        return [beta.view((g,) + (1,) * p.dim()) for p in self.params]  # [G, 1]
 
     # ---------------------------------------------------------------- step
     def backward(
@@ -356,9 +439,11 @@ class GradientControl:
             groups: ``[B]`` integer group index in ``[0, num_groups)``; ``None`` = group 0.
 
         Returns:
-            diagnostics, all detached tensors (no host sync): ``variance_ratio`` ``[]`` and
-            ``variance_ratio_per_group`` ``[G]`` (estimated tr Var of the controlled over the
-            plain gradient, from the statistics β came from), ``correlation`` ``[G]`` (pooled
+            diagnostics, all detached tensors (no host sync), computed after this step was
+            folded in: ``variance_ratio`` ``[]`` (estimated ``tr Var[applied gradient] /
+            tr Var[plain gradient]``, see ``docs/gradient.md``; ≥ 0, 1 before any β is
+            applied), ``variance_ratio_per_group`` ``[G]`` (the same ratio with only group g's
+            control applied, from the pairwise statistics), ``correlation`` ``[G]`` (pooled
             ρ), ``beta_mean``/``beta_min``/``beta_max`` ``[]``, ``grad_norm_loss``,
             ``grad_norm_control``, ``grad_norm`` ``[]``, ``finite`` ``[]`` bool,
             ``num_updates`` ``[]``.
@@ -369,32 +454,44 @@ class GradientControl:
         """
         batch = self._check_inputs(losses, controls, groups)
         active, pg = self._group()
+        ready = self._num_updates >= self.config.warmup_steps  # β of this step is in use
         if self._per_sample:
             g_l, g_c, beta, finite, upd = self._per_sample_step(
                 losses, controls, groups, batch, active, pg
             )
         else:
             g_l, g_c, finite = self._batch_gradients(losses, controls, groups, batch, active, pg)
-            beta = self.coefficients()
-            upd = None
-        if self.config.raise_on_nonfinite and not bool(finite):
-            raise VarRedError(
-                "losses/controls: expected finite losses, controls and gradients, got NaN/Inf "
-                f"(losses {shape_str(losses)}, controls {shape_str(controls)})"
-            )
+            beta, upd = self._beta(), None
         with torch.no_grad():
-            out = [gl - (b * gc).sum(0) for gl, gc, b in zip(g_l, g_c, beta)]
+            ctl = g_l - (self._expand(beta) * g_c).sum(0)  # [P] controlled gradient
+            if not self._per_sample:  # NaN/Inf in g_ℓ or any g_c reaches ctl (0·Inf = NaN)
+                finite = finite & _all_finite(ctl)
+            if self.config.raise_on_nonfinite and not bool(finite):
+                raise VarRedError(
+                    "losses/controls: expected finite losses, controls and gradients, got "
+                    f"NaN/Inf (losses {shape_str(losses)}, controls {shape_str(controls)})"
+                )
+            out = ctl
             if self.config.nonfinite == "zero":
-                out = [torch.where(finite, o, torch.zeros_like(o)) for o in out]
-            for p, o in zip(self.params, out):
-                o = o.to(p.dtype)
-                if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
-                    p.grad = o
-                else:
-                    p.grad.copy_(o)
-            diag = self._diagnostics(beta, g_l, g_c, out, finite)
+                out = torch.where(finite, ctl, torch.zeros_like(ctl))
+            self._write_grads(out)
             self._update(g_l, g_c, finite, upd)
-        return diag
+            if not self._per_sample:
+                if not isinstance(self.config.coefficient, str):
+                    ready = torch.ones_like(ready)
+                self._update_track(ctl, g_l, finite & ready)
+            return self._diagnostics(beta, g_l, g_c, out, finite)
+
+    def _write_grads(self, out: Tensor) -> None:
+        """Split the flat ``[P]`` gradient into every ``p.grad`` (one fused copy)."""
+        views = [o.view(p.shape) for o, p in zip(out.split(self._sizes), self.params)]
+        dst, src = [], []
+        for p, v in zip(self.params, views):
+            if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+            dst.append(p.grad)
+            src.append(v)
+        torch._foreach_copy_(dst, src)
 
     def _check_inputs(self, losses: Tensor, controls: Tensor, groups: Tensor | None) -> int:
         check_floating("losses", losses)
@@ -443,9 +540,10 @@ class GradientControl:
 
     def _grads(
         self, out: Tensor, w: Tensor, batched: bool, retain: bool, name: str | None = None
-    ) -> list[Tensor]:
-        """``autograd.grad`` of ``out`` weighted by ``w`` (``[B]``, or ``[R, B]`` batched rows),
-        unused parameters as zeros, in the statistics dtype; ``name`` set: all unused is an error."""
+    ) -> Tensor:
+        """Flat ``autograd.grad`` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``, or ``[R, B]``
+        batched rows → ``[R, P]``), unused parameters as zeros, in the statistics dtype;
+        ``name`` set: all unused is an error."""
         gs = torch.autograd.grad(
             out, self.params, grad_outputs=w, retain_graph=retain,
             allow_unused=True, is_grads_batched=batched,
@@ -456,44 +554,56 @@ class GradientControl:
                 f"of the {len(self.params)} parameter tensors"
             )
         lead = (w.shape[0],) if batched else ()
-        return [
-            torch.zeros(lead + p.shape, dtype=self._dtype, device=p.device)
-            if g is None else g.detach().to(self._dtype)
-            for g, p in zip(gs, self.params)
+        parts = [
+            torch.zeros((*lead, n), dtype=self._dtype, device=self._device)
+            if g is None else g.detach().reshape((*lead, n))
+            for g, n in zip(gs, self._sizes)
         ]  # fmt: skip
+        return torch.cat(parts, dim=-1).to(self._dtype)  # [*lead, P], one cat
+
+    def _grad_rows(self, out: Tensor, w: Tensor, retain: bool, name: str | None = None) -> Tensor:
+        """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember)."""
+        key = name or "controls"
+        choice = self._batched_choice[key]
+        if choice is not False:
+            try:
+                rows = self._grads(out, w, True, retain or choice is None, name)
+            except RuntimeError:  # e.g. a batching rule that fails under jvp (GroupNorm + SiLU)
+                if choice is not None:
+                    raise
+                self._batched_choice[key] = False
+            else:
+                self._batched_choice[key] = True
+                return rows
+        last = w.shape[0] - 1
+        return torch.stack(
+            [self._grads(out, r, False, retain or j < last, name) for j, r in enumerate(w)]
+        )
 
     def _batch_gradients(
         self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any
-    ) -> tuple[list[Tensor], list[Tensor], Tensor]:
-        """Batch gradients ``g_ℓ [*p]`` and per-group ``g_c [G, *p]`` (global means), finite."""
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat batch gradients ``g_ℓ [P]`` and per-group ``g_c [G, P]`` (global means), finite."""
         ng = self.config.num_groups
         scale = 1.0 if active else 1.0 / b  # sums when reducing, means otherwise
         need_c = controls.requires_grad
         g_l = self._grads(losses, torch.full_like(losses, scale), False, need_c, name="losses")
         if not need_c:
-            g_c = [
-                torch.zeros((ng, *p.shape), dtype=self._dtype, device=p.device) for p in self.params
-            ]
+            g_c = g_l.new_zeros(ng, self._numel)
         elif groups is None or ng == 1:
-            g_c = self._grads(controls, torch.full_like(controls, scale), False, False)
-            g_c = [torch.cat([g[None], g.new_zeros((ng - 1, *g.shape))]) for g in g_c]
+            g_c = self._grads(controls, torch.full_like(controls, scale), False, False)[None]
+            if ng > 1:
+                g_c = torch.cat([g_c, g_c.new_zeros(ng - 1, self._numel)])
         else:
             onehot = groups[None, :] == torch.arange(ng, device=groups.device)[:, None]
-            masks = onehot.to(controls.dtype) * scale  # [G, B]
-            if self.config.group_backward == "batched":
-                g_c = self._grads(controls, masks, True, False)  # [G, *p]
-            else:
-                rows = [self._grads(controls, m, False, j < ng - 1) for j, m in enumerate(masks)]
-                g_c = [torch.stack(r) for r in zip(*rows)]
+            g_c = self._grad_rows(controls, onehot.to(controls.dtype) * scale, False)  # [G, P]
         bad = (~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()
         if active:  # sums and counts over ranks, then the global means
             cnt = torch.full((1,), float(b), dtype=self._dtype, device=bad.device)
-            red = self._allreduce(active, pg, [bad.to(self._dtype).view(1), cnt, *g_l, *g_c])
+            red = self._allreduce(active, pg, [bad.to(self._dtype).view(1), cnt, g_l, g_c])
             bad, total = red[0][0], red[1][0]
-            g_l = [x / total for x in red[2 : 2 + len(g_l)]]
-            g_c = [x / total for x in red[2 + len(g_l) :]]
-        finite = (bad == 0) & torch.stack([torch.isfinite(g).all() for g in g_l + g_c]).all()
-        return g_l, g_c, finite
+            g_l, g_c = red[2] / total, red[3] / total
+        return g_l, g_c, bad == 0  # gradients are checked through the controlled one
 
     def _allreduce(self, active: bool, pg: Any, xs: list[Tensor]) -> list[Tensor]:
         """Sum ``xs`` over the process group in one flat all-reduce (identity when inactive)."""
@@ -505,130 +615,151 @@ class GradientControl:
 
     def _per_sample_step(
         self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Tensor, Any]:
-        """Per-sample gradients → per (fold, group) sufficient statistics → β and gradients.
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+        """Per-sample gradients ``[B, P]`` → per (fold, group) sufficient statistics → β, grads.
 
-        Returns ``g_l [*p]``, ``g_c [L, *p]`` (per fold×group sums over the global batch size),
-        β ``[L, ...]``, ``finite`` and the batch moments to merge (``L = folds·G`` or ``G``).
+        Returns ``g_l [P]``, ``g_c [L, P]`` (per fold×group sums over the global batch size),
+        compact β ``[L, ·]``, ``finite`` and the batch moments to merge (``L = folds·G`` or
+        ``G``).
         """
         cfg = self.config
-        ng, npar = cfg.num_groups, len(self.params)
+        ng = cfg.num_groups
         k = cfg.folds if cfg.per_sample_fit == "crossfit" else 1
         dev = losses.device
         eye = torch.eye(b, dtype=losses.dtype, device=dev)
         need_c = controls.requires_grad
-        gl = self._grads(losses, eye, True, need_c, name="losses")  # [B, *p]
-        if need_c:
-            gc = self._grads(controls, eye.to(controls.dtype), True, False)
-        else:
-            gc = [torch.zeros_like(x) for x in gl]
+        gl = self._grad_rows(losses, eye, need_c, name="losses")  # [B, P]
+        gc = self._grad_rows(controls, eye.to(controls.dtype), False) if need_c else gl * 0
         gi = groups.long() if groups is not None else torch.zeros(b, dtype=torch.long, device=dev)
         member = gi[None, :] == torch.arange(ng, device=dev)[:, None]  # [G, B]
         rank = (member.cumsum(1) - 1).gather(0, gi[None, :])[0]  # [B]: index within own group
         idx = (rank % k) * ng + gi  # [B], fold-major cell index; folds alternate within groups
         oh = torch.nn.functional.one_hot(idx, k * ng).T.to(self._dtype)  # [L, B]
 
-        def red(x: Tensor) -> Tensor:  # [B, *p] -> [L, *p], sums per cell
-            return (oh @ x.flatten(1)).view(k * ng, *x.shape[1:])
-
-        def gsum(x: Tensor) -> Tensor:  # [L, *p] -> [G, *p], sums over folds
-            return x.view(k, ng, *x.shape[1:]).sum(0)
-
-        bad = ((~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()).to(self._dtype)
-        first = self._allreduce(
-            active, pg, [oh.sum(1), bad.view(1)] + [red(x) for x in gc] + [red(x) for x in gl]
-        )
-        n, bad, sc, sl = first[0], first[1][0], first[2 : 2 + npar], first[2 + npar :]
-        n_g = n.view(k, ng).sum(0)  # [G]
-        total = n.sum()
-        mc = [_safe_div(gsum(s), _lead(n_g, s.dim() - 1)) for s in sc]  # [G, *p] batch means
-        ml = [_safe_div(gsum(s), _lead(n_g, s.dim() - 1)) for s in sl]
-        dc = [x - m[gi] for x, m in zip(gc, mc)]  # [B, *p], centred at the global group mean
-        dl = [x - m[gi] for x, m in zip(gl, ml)]
-        second = self._allreduce(
-            active, pg,
-            [red(x) for x in dc] + [red(x) for x in dl] + [red(x * x) for x in dc]
-            + [red(x * y) for x, y in zip(dc, dl)] + [red(y * y) for y in dl],
-        )  # fmt: skip
-        s1c, s1l, s2cc, s2cl, s2ll = (second[j * npar : (j + 1) * npar] for j in range(5))
+        def gsum(x: Tensor) -> Tensor:  # [L, P] -> [G, P], sums over folds
+            return x.view(k, ng, -1).sum(0)
 
         def m2(s2: Tensor, s1x: Tensor, s1y: Tensor, cnt: Tensor) -> Tensor:
-            return s2 - _safe_div(s1x * s1y, _lead(cnt, s2.dim() - 1))
+            return s2 - _safe_div(s1x * s1y, cnt[:, None])
 
-        batch = []
-        for i in range(npar):
-            a, c = gsum(s1c[i]), gsum(s1l[i])
-            nl = _lead(n_g, a.dim() - 1)
-            batch.append({
-                "mean_c": mc[i] + _safe_div(a, nl),
-                "mean_l": ml[i] + _safe_div(c, nl),
-                "cov_cc": _safe_div(m2(gsum(s2cc[i]), a, a, n_g), nl),
-                "cov_cl": _safe_div(m2(gsum(s2cl[i]), a, c, n_g), nl),
-                "cov_ll": _safe_div(m2(gsum(s2ll[i]), c, c, n_g), nl),
-            })  # fmt: skip
-        g_l = [s.sum(0) / total for s in sl]
+        bad = ((~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()).to(self._dtype)
+        n, bad, sc, sl = self._allreduce(active, pg, [oh.sum(1), bad.view(1), oh @ gc, oh @ gl])
+        bad = bad[0]
+        n_g = n.view(k, ng).sum(0)  # [G]
+        ncol = n_g[:, None]
+        total = n.sum()
+        mc, ml = _safe_div(gsum(sc), ncol), _safe_div(gsum(sl), ncol)  # [G, P] batch means
+        dc, dl = gc - mc[gi], gl - ml[gi]  # [B, P], centred at the global group mean
+        s1c, s1l, s2cc, s2cl, s2ll = self._allreduce(
+            active, pg, [oh @ dc, oh @ dl, oh @ (dc * dc), oh @ (dc * dl), oh @ (dl * dl)]
+        )
+        a, c = gsum(s1c), gsum(s1l)
+        batch = {
+            "mean_c": mc + _safe_div(a, ncol),
+            "mean_l": ml + _safe_div(c, ncol),
+            "cov_cc": _safe_div(m2(gsum(s2cc), a, a, n_g), ncol),
+            "cov_cl": _safe_div(m2(gsum(s2cl), a, c, n_g), ncol),
+            "cov_ll": _safe_div(m2(gsum(s2ll), c, c, n_g), ncol),
+        }
+        g_l = sl.sum(0) / total
         if k == 1:
-            beta, g_c = self.coefficients(), [gsum(s) / total for s in sc]
+            beta, g_c = self._beta(), sc / total
         else:  # fold j uses the statistics of the other folds of this batch
             n_o = (n_g[None] - n.view(k, ng)).reshape(-1)  # [L]
 
-            def other(x: Tensor) -> Tensor:  # [L, *p] -> [L, *p], sums over the other folds
-                return (gsum(x)[None] - x.view(k, ng, *x.shape[1:])).reshape(x.shape)
+            def other(x: Tensor) -> Tensor:  # [L, P] -> [L, P], sums over the other folds
+                return (gsum(x)[None] - x.view(k, ng, -1)).reshape(x.shape)
 
-            cl = [m2(other(s2cl[i]), other(s1c[i]), other(s1l[i]), n_o) for i in range(npar)]
-            cc = [m2(other(s2cc[i]), other(s1c[i]), other(s1c[i]), n_o) for i in range(npar)]
-            beta, g_c = pooled_ratio(cl, cc, cfg.granularity), [s / total for s in sc]
-        finite = (bad == 0) & torch.stack([torch.isfinite(x).all() for x in sc + sl]).all()
+            cl = m2(other(s2cl), other(s1c), other(s1l), n_o)
+            cc = m2(other(s2cc), other(s1c), other(s1c), n_o)
+            beta, g_c = self._pool(cl, cc), sc / total
+        finite = (bad == 0) & _all_finite(sc) & _all_finite(sl)
         return g_l, g_c, beta, finite, (batch, n_g)
 
+    # ---------------------------------------------------------------- statistics
+    def _update(self, g_l: Tensor, g_c: Tensor, finite: Tensor, upd: Any) -> None:
+        """Fold this step into the statistics, unless it was non-finite (masked, no sync)."""
+        if upd is not None:  # per-sample batch moments: the general merge (Chan et al.)
+            batch, count = upd
+            new, new_w = merge_moments(
+                self._stats, self._weight, batch, count, float(self.config.decay)
+            )
+            self._stats = {k: torch.where(finite, new[k], self._stats[k]) for k in _STATS}
+            self._weight = torch.where(finite, new_w, self._weight)
+        else:  # running: one observation (g_c, g_ℓ) per step, weight 1, in place
+            st = self._stats
+            self._weight = self._moment_step(
+                self._weight, finite, [(st["mean_c"], g_c), (st["mean_l"], g_l[None])],
+                [(st["cov_cc"], 0, 0), (st["cov_cl"], 0, 1), (st["cov_ll"], 1, 1)],
+            )  # fmt: skip
+        self._num_updates = self._num_updates + finite.long()
+
+    def _moment_step(
+        self, weight: Tensor, ok: Tensor, means: list[tuple[Tensor, Tensor]],
+        covs: list[tuple[Tensor, int, int]],
+    ) -> Tensor:  # fmt: skip
+        """In-place weighted update of running means and centred (co)variances by one sample.
+
+        ``m ← m + f δ``, ``C_xy ← (1-f) C_xy + f(1-f) δ_x δ_y`` with ``f = 1 / w``,
+        ``w ← decay·w + 1`` (Finch 2009); ``ok`` false: ``f = 0`` and ``δ = 0``, so nothing
+        changes (bit for bit, no sync). ``covs`` name the two ``means`` entries (by index)
+        whose deltas they multiply; a cov may be a ``[]`` trace (then ``δ_x·δ_y`` is summed).
+
+        Returns:
+            the new weight.
+        """
+        w_new = weight * float(self.config.decay) + 1
+        f = torch.where(ok, 1 / w_new, 0.0).reshape(())  # weight is [1] here
+        deltas = [torch.where(ok, x - m, 0.0) for m, x in means]
+        h = f * (1 - f)
+        for m, d in zip(means, deltas):
+            m[0].addcmul_(d, f)
+        for c, i, j in covs:
+            c.mul_(1 - f)
+            if c.dim() == 0:
+                c.add_((h * deltas[i] * deltas[j]).sum())
+            else:
+                c.addcmul_(deltas[i] * h, deltas[j])
+        return torch.where(ok, w_new, weight)
+
+    def _update_track(self, ctl: Tensor, g_l: Tensor, ok: Tensor) -> None:
+        """Running moments of the applied ``ctl [P]`` and plain ``g_l [P]`` step gradients.
+
+        Only steps with ``ok`` (finite, β in use) count, each with weight 1 under ``decay``;
+        the variances are kept as traces ``[]``.
+        """
+        t = self._track
+        t["track_weight"] = self._moment_step(
+            t["track_weight"], ok, [(t["ctl_mean"], ctl), (t["plain_mean"], g_l)],
+            [(t["ctl_var"], 0, 0), (t["plain_var"], 1, 1)],
+        )  # fmt: skip
+
     def _diagnostics(
-        self, beta: list[Tensor], g_l: list[Tensor], g_c: list[Tensor], out: list[Tensor],
-        finite: Tensor,
-    ) -> dict[str, Tensor]:  # fmt: skip
+        self, beta: Tensor, g_l: Tensor, g_c: Tensor, out: Tensor, finite: Tensor
+    ) -> dict[str, Tensor]:
         st, w = self._stats, self._weight
-        vb = beta if beta[0].shape[0] == self.config.num_groups else self.coefficients()
-
-        def tot(xs: Any) -> Tensor:  # per parameter [L, *p] -> [L], summed over parameters
-            return torch.stack([x.flatten(1).sum(1) for x in xs]).sum(0)
-
-        # [G]: trace of the variance removed by each group's control, 2βCov − β²Var
-        red = tot([2 * b * cl - b * b * cc for b, cl, cc in zip(vb, st["cov_cl"], st["cov_cc"])])
-        tll, scl, scc = tot(st["cov_ll"]), tot(st["cov_cl"]), tot(st["cov_cc"])  # tll [1] or [G]
-        bflat = torch.cat([x.flatten() for x in beta])
-
-        def norm(xs: list[Tensor]) -> Tensor:
-            return torch.stack([(x * x).sum() for x in xs]).sum().sqrt()
-
+        ng = self.config.num_groups
+        vb = self._expand(beta if beta.shape[0] == ng else self._beta())  # [G, P | 1]
+        cl, cc = st["cov_cl"], st["cov_cc"]
+        tll = st["cov_ll"].sum(1)  # [1] (running) or [G] (per-sample)
+        # [G]: tr Var(g_ℓ − β_g g_c,g) = tr Var(g_ℓ) − Σ (2β Cov − β² Var) ≥ 0 (a PSD form)
+        resid = (tll - (vb * (2 * cl - vb * cc)).sum(1)).clamp(min=0)
+        per_group = torch.where(tll > 0, resid / torch.where(tll > 0, tll, 1), 1.0)
+        if self._per_sample:  # pooled within-group per-sample ratio
+            num, den = (resid * w).sum(), (tll * w).sum()
+        else:  # tracked moments of the applied vs the plain step gradient
+            num, den = self._track["ctl_var"], self._track["plain_var"]
+        ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1), 1.0)
         return {
-            "variance_ratio": 1 - _safe_div((red * w).sum(), (tll * w).sum()),
-            "variance_ratio_per_group": 1 - _safe_div(red, tll.expand_as(red)),
-            "correlation": _safe_div(scl, torch.sqrt(scc * tll)),
-            "beta_mean": bflat.mean(),
-            "beta_min": bflat.min(),
-            "beta_max": bflat.max(),
-            "grad_norm_loss": norm(g_l),
-            "grad_norm_control": norm([x.sum(0) for x in g_c]),
-            "grad_norm": norm(out),
+            "variance_ratio": ratio.to(self._dtype),
+            "variance_ratio_per_group": per_group.to(self._dtype),
+            "correlation": _safe_div(cl.sum(1), torch.sqrt(cc.sum(1) * tll)),
+            "beta_mean": beta.mean(),
+            "beta_min": beta.min(),
+            "beta_max": beta.max(),
+            "grad_norm_loss": torch.linalg.vector_norm(g_l),
+            "grad_norm_control": torch.linalg.vector_norm(g_c.sum(0)),
+            "grad_norm": torch.linalg.vector_norm(out),
             "finite": finite,
             "num_updates": self._num_updates.clone(),
         }
-
-    def _update(self, g_l: list[Tensor], g_c: list[Tensor], finite: Tensor, upd: Any) -> None:
-        """Fold this step into the statistics, unless it was non-finite (masked, no sync)."""
-        if upd is None:  # running: one observation (g_c, g_ℓ) per step, weight 1
-            zero = torch.zeros((), dtype=self._dtype, device=self._weight.device)
-            batches = [
-                {"mean_c": c, "mean_l": gl[None], "cov_cc": zero, "cov_cl": zero, "cov_ll": zero}
-                for gl, c in zip(g_l, g_c)
-            ]  # fmt: skip
-            count = torch.ones_like(self._weight)
-        else:
-            batches, count = upd
-        new_w = self._weight
-        for i, bt in enumerate(batches):
-            state = {k: self._stats[k][i] for k in _STATS}
-            new, new_w = merge_moments(state, self._weight, bt, count, float(self.config.decay))
-            for k in _STATS:
-                self._stats[k][i] = torch.where(finite, new[k], state[k])
-        self._weight = torch.where(finite, new_w, self._weight)
-        self._num_updates = self._num_updates + finite.long()

@@ -69,9 +69,9 @@ class ControlledDSM:
             2.1× instead of 2.5× the plain step's memory (docs/diffusion.md).
         validate: input checks with host syncs in ``dsm_loss``, ``dsm_taylor_cv`` and
             ``GradientControl`` (its groups range check); ``False`` makes the step sync-free.
-        control_kwargs: further keyword arguments for ``GradientControl`` (for k ≥ 1 with
-            ``bins`` the default ``group_backward`` is "loop": vmap over a backward through
-            forward-mode AD fails in torch 2.13).
+        control_kwargs: further keyword arguments for ``GradientControl`` (its default
+            ``group_backward="auto"`` falls back to one backward per σ bin where vmap over a
+            backward through forward-mode AD fails, e.g. GroupNorm under jvp in torch 2.13).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
@@ -120,8 +120,6 @@ class ControlledDSM:
         num_groups = 1 if bins is None else _num_bins(bins)
         extra = dict(control_kwargs or {})
         extra.setdefault("validate", self.validate)
-        if self.order > 0 and num_groups > 1:
-            extra.setdefault("group_backward", "loop")
         self.control = GradientControl(
             self.params,
             granularity=granularity,
