@@ -46,7 +46,9 @@ def check_order(order: Any, name: str = "order") -> int:
     import numbers
 
     if isinstance(order, bool) or not isinstance(order, numbers.Integral):
-        raise VarRedError(f"{name}: expected a non-negative integer, got {order!r} ({type(order).__name__})")
+        raise VarRedError(
+            f"{name}: expected a non-negative integer, got {order!r} ({type(order).__name__})"
+        )
     if order < 0:
         raise VarRedError(f"{name}: expected a non-negative integer, got {order}")
     return int(order)

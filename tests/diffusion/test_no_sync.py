@@ -133,9 +133,7 @@ def test_validate_true_syncs(monkeypatch, seed):
 def test_controlled_step_k_ge_1_without_sync(monkeypatch, seed, order):
     """k ≥ 1 is sync-free too: ``validate=False`` reaches the loss, the CV and GradientControl."""
     net, x, sigma, eps = _setup(seed)
-    step = ControlledDSM(
-        net, net.parameters(), order=order, expectation="exact", validate=False
-    )
+    step = ControlledDSM(net, net.parameters(), order=order, expectation="exact", validate=False)
     with forbid_host_sync(monkeypatch):
         step(x, sigma, eps)
 
@@ -151,7 +149,9 @@ K1_SYNCS = (
     "order",
     [
         0,
-        pytest.param(1, marks=pytest.mark.xfail(strict=False, raises=RuntimeError, reason=K1_SYNCS)),
+        pytest.param(
+            1, marks=pytest.mark.xfail(strict=False, raises=RuntimeError, reason=K1_SYNCS)
+        ),
     ],
 )
 def test_cuda_step_sync_debug_mode(seed, order):
