@@ -15,9 +15,11 @@ from varred.gaussian import gauss_hermite_cubature as gauss_hermite_cubature
 from varred.gaussian import gaussian_polynomial_expectation as gaussian_polynomial_expectation
 from varred.gaussian import isserlis_pairings as isserlis_pairings
 from varred.gradient import GradientControl as GradientControl
+from varred.gradient import GradientControlConfig as GradientControlConfig
 from varred.score_function import loo_baseline as loo_baseline
 from varred.score_function import score_function_surrogate as score_function_surrogate
 from varred.taylor import TaylorCV as TaylorCV
+from varred.taylor import iterated_laplacian as iterated_laplacian
 from varred.taylor import taylor_terms as taylor_terms
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "ControlVariate",
     "Estimate",
     "GradientControl",
+    "GradientControlConfig",
     "OptimalCoefficient",
     "RunningMoments",
     "TaylorCV",
@@ -35,6 +38,7 @@ __all__ = [
     "gauss_hermite_cubature",
     "gaussian_polynomial_expectation",
     "isserlis_pairings",
+    "iterated_laplacian",
     "loo_baseline",
     "score_function_surrogate",
     "stack_controls",

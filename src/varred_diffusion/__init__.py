@@ -8,6 +8,10 @@ from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
 from varred_diffusion.adapters import ScoreFromV as ScoreFromV
 from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
 from varred_diffusion.bins import SigmaBins as SigmaBins
+from varred_diffusion.diagnostics import VarianceRatio as VarianceRatio
+from varred_diffusion.diagnostics import gradient_variance_ratio as gradient_variance_ratio
+from varred_diffusion.diagnostics import per_sample_gradients as per_sample_gradients
+from varred_diffusion.diagnostics import variance_ratio_by_sigma as variance_ratio_by_sigma
 from varred_diffusion.losses import dsm_loss as dsm_loss
 from varred_diffusion.losses import perturb as perturb
 from varred_diffusion.models import MLPScore as MLPScore
@@ -46,17 +50,21 @@ __all__ = [
     "SmallUNet",
     "VESchedule",
     "VPSchedule",
+    "VarianceRatio",
     "antithetic_noise",
     "append_dims",
     "asymmetric",
     "dsm_loss",
     "dsm_taylor_cv",
+    "gradient_variance_ratio",
     "init_parameters",
     "log_uniform_sigma",
     "low_discrepancy_uniform",
     "parameter_count",
+    "per_sample_gradients",
     "perturb",
     "ring8",
     "score_error",
     "stratified_uniform",
+    "variance_ratio_by_sigma",
 ]
