@@ -54,12 +54,18 @@ def run_optimizers(ctx: Context) -> dict[str, Any]:
     s, base = _settings(ctx)
     rows: list[dict[str, Any]] = []
     every = max(1, s.steps // s.snapshots)
+    finals: dict[str, dict[str, float]] = {}  # held-out metrics at the start and the end
     for opt, lr in (("adam", s.lr_adam), ("sgd", s.lr_sgd)):
         cfg = replace(base, optimizer=opt, lr=lr)
         job = run_job(
             ctx, f"opt-{opt}",
-            build_toy_job(ctx, cfg, controlled=False, seed_tag="opt", snapshot_every=every), s.steps,
+            build_toy_job(ctx, cfg, controlled=False, seed_tag="opt", snapshot_every=every,
+                          eval_every=every), s.steps,
         )  # fmt: skip
+        if job.evals:
+            first, last = job.evals[0], job.evals[-1]
+            finals[opt] = {f"{k}_{w}": float(r[k]) for w, r in (("init", first), ("final", last))
+                           for k in r if k != "step"}  # fmt: skip
         model = copy.deepcopy(job.model)
         for step in sorted(job.snapshots):
             model.load_state_dict(job.snapshots[step])
@@ -73,7 +79,7 @@ def run_optimizers(ctx: Context) -> dict[str, Any]:
                 )  # fmt: skip
             for r in vr:
                 rows.append({"optimizer": opt, "step": float(step), **r})
-    results = {"settings": asdict(s), "seed": ctx.seed, "rows": rows}
+    results = {"settings": asdict(s), "seed": ctx.seed, "rows": rows, "held_out": finals}
     write_csv(ctx.out / "fig4_optimizers.csv", rows)
     write_json(ctx.out / "results.json", results)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
@@ -92,6 +98,12 @@ def run_optimizers(ctx: Context) -> dict[str, Any]:
             f"| {r['optimizer']} | {int(r['step'])} | {int(r['order'])} | {r['vr_unit']:.3g} | "
             f"{r['vr_scalar']:.3g} | {r['vr_element']:.3g} |"
         )
+    if finals:  # how far each optimizer trained: the VR comparison is only fair at similar loss
+        keys = sorted(next(iter(finals.values())))
+        lines += ["", "Held-out metrics (start → end of training):", "",
+                  "| optimizer | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]  # fmt: skip
+        for opt, m in finals.items():
+            lines.append(f"| {opt} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |")
     lines += ["", f"Wall time {elapsed:.1f} s."]
     write_markdown(ctx.out / "summary.md", "\n".join(lines))
     return results
