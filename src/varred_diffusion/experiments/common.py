@@ -206,3 +206,30 @@ def _maybe_eval_before(job: TrainJob) -> None:
         row = {"step": 0.0}
         row.update(job.eval_fn(-1))
         job.evals.append(row)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    helper: Any,
+    score_fn: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    **helper_kwargs: Any,
+) -> dict[str, float]:
+    """One training step: ``helper`` (a ``ControlledDSM``) fills ``.grad``, or plain DSM if None.
+
+    Returns:
+        ``{"loss": mean DSM loss of the batch}`` (one host sync, for the curves).
+    """
+    from varred_diffusion.losses import dsm_loss
+
+    optimizer.zero_grad(set_to_none=True)
+    if helper is not None:
+        loss = float(helper(x, sigma, noise, **helper_kwargs)["loss"])
+    else:
+        mean_loss = dsm_loss(score_fn, x, sigma, noise, validate=False).mean()
+        mean_loss.backward()
+        loss = float(mean_loss.detach())
+    optimizer.step()
+    return {"loss": loss}

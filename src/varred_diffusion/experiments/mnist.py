@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from varred_diffusion.diagnostics import gradient_variance_ratio
-from varred_diffusion.experiments.common import Context, TrainJob, run_job
+from varred_diffusion.experiments.common import Context, TrainJob, optimizer_step, run_job
 from varred_diffusion.experiments.data import find_data_dir, find_split_files, load_images
 from varred_diffusion.experiments.io import save_figure, write_csv, write_json, write_markdown
 from varred_diffusion.experiments.plots import band_plot, image_grid, ratio_lines
@@ -113,15 +113,7 @@ def _build(
         x = images[torch.randint(images.shape[0], (s.batch,), generator=g)]
         sig, e = _sigma(s.batch, g, s), torch.randn(x.shape, generator=g)
         x, sig, e = x.to(dev), sig.to(dev), e.to(dev)
-        opt.zero_grad(set_to_none=True)
-        if helper is not None:
-            loss = float(helper(x, sig, e)["loss"])
-        else:
-            lv = dsm_loss(sf, x, sig, e, validate=False).mean()
-            lv.backward()
-            loss = float(lv.detach())
-        opt.step()
-        return {"loss": loss}
+        return optimizer_step(opt, helper, sf, x, sig, e)
 
     def evaluate(i: int) -> dict[str, float]:
         with torch.no_grad():

@@ -15,7 +15,7 @@ import torch
 
 from varred.errors import VarRedError
 from varred_diffusion.diagnostics import DrawFn, gradient_variance_ratio
-from varred_diffusion.experiments.common import Context, TrainJob
+from varred_diffusion.experiments.common import Context, TrainJob, optimizer_step
 from varred_diffusion.toy import GaussianMixture, asymmetric, ring8
 
 __all__ = [
@@ -147,16 +147,8 @@ def build_toy_job(
 
         def step(i: int) -> dict[str, float]:
             x, s, e = draw_fn(mixture, cfg)(cfg.batch, data_g)
-            opt.zero_grad(set_to_none=True)
-            if step_helper is not None:
-                diag = step_helper(x, s, e, generator=data_g)
-                loss = float(diag["loss"])
-            else:
-                lv = dsm_loss(score_fn, x, s, e, validate=False).mean()
-                lv.backward()
-                loss = float(lv.detach())
-            opt.step()
-            return {"loss": loss}
+            kw = {"generator": data_g} if step_helper is not None else {}
+            return optimizer_step(opt, step_helper, score_fn, x, s, e, **kw)
 
         def evaluate(i: int) -> dict[str, float]:
             with torch.no_grad():
