@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from varred.gradient import GradientControl
+from varred.testing import run_distributed
 
 F64 = torch.float64
 SHARDS = ((0, 3), (3, 8))  # unequal local batch sizes: 3 and 5 of 8
@@ -47,24 +45,10 @@ def _train(mode: str, lo: int, hi: int, process_group) -> dict[str, torch.Tensor
     return res
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=20),
-    )  # fmt: skip
-    try:
-        lo, hi = SHARDS[rank]
-        for mode in MODES:
-            torch.save(_train(mode, lo, hi, "default"), os.path.join(outdir, f"{mode}.{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _worker(rank: int, world_size: int, outdir: str) -> None:
+    lo, hi = SHARDS[rank]
+    for mode in MODES:
+        torch.save(_train(mode, lo, hi, "default"), os.path.join(outdir, f"{mode}.{rank}.pt"))
 
 
 @pytest.mark.distributed
@@ -72,20 +56,7 @@ def _free_port() -> int:
 def test_two_rank_gloo_equals_single_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo not available")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=60)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_distributed(_worker, 2, str(tmp_path), timeout=60)
     for mode in MODES:
         ref = _train(mode, 0, 8, None)
         for rank in range(2):

@@ -27,6 +27,7 @@ __all__ = [
     "assert_unbiased",
     "dims",
     "orders",
+    "run_distributed",
     "sample_shapes",
     "smooth_functions",
 ]
@@ -247,3 +248,65 @@ def assert_unbiased(
             f"z = {z}, R = {repetitions}); {int(bad.sum())} entries fail"
         )
     return mean, se
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _distributed_entry(
+    rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]
+) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=20),
+    )  # fmt: skip
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(
+    fn: Callable[..., None], world_size: int = 2, *args: Any, timeout: float = 60.0
+) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes joined by ``gloo``.
+
+    For testing control variates under ``torch.distributed`` on one CPU machine: the
+    default process group is initialised on 127.0.0.1 (a free port) before ``fn`` and
+    destroyed after it; processes are spawned (``fn`` must be importable, i.e. defined
+    at module level) and killed if they outlive ``timeout`` seconds, so a deadlock
+    fails the test instead of hanging it. Results travel through files ``fn`` writes.
+
+    Raises:
+        AssertionError: a process failed, or did not finish within ``timeout``.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(target=_distributed_entry, args=(r, world_size, port, fn, args))
+        for r in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    codes = [proc.exitcode for proc in procs]
+    assert all(code == 0 for code in codes), f"distributed ranks exited with codes {codes}"

@@ -66,8 +66,8 @@ class _Adapter(nn.Module):
     def __init__(
         self,
         model: Callable[..., Tensor],
-        schedule: Schedule | None,
-        time_input: str | Callable[[Tensor], Tensor],
+        schedule: Schedule | None = None,
+        time_input: str | Callable[[Tensor], Tensor] = "sigma",
     ) -> None:
         super().__init__()
         self.model = model
@@ -126,14 +126,6 @@ class ScoreFromEps(_Adapter):
         tensor([-2.0000, -0.5000])
     """
 
-    def __init__(
-        self,
-        model: Callable[..., Tensor],
-        schedule: Schedule | None = None,
-        time_input: str | Callable[[Tensor], Tensor] = "sigma",
-    ) -> None:
-        super().__init__(model, schedule, time_input)
-
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         """Score ``[B, ...]`` at ``x_t`` ``[B, ...]``, ``sigma`` ``[B]``."""
         return eps_to_score(self._call(x, sigma, cond), sigma)
@@ -144,14 +136,6 @@ class ScoreFromX0(_Adapter):
 
     Args: as ``ScoreFromEps``; ``α`` comes from ``schedule`` (VE: 1).
     """
-
-    def __init__(
-        self,
-        model: Callable[..., Tensor],
-        schedule: Schedule | None = None,
-        time_input: str | Callable[[Tensor], Tensor] = "sigma",
-    ) -> None:
-        super().__init__(model, schedule, time_input)
 
     def forward(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         """Score ``[B, ...]`` at ``x_t`` ``[B, ...]``, ``sigma`` ``[B]``."""

@@ -10,15 +10,13 @@ state must equal a single process on the concatenated batch to float64 round-off
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from varred.testing import run_distributed
 from varred_diffusion import (
     ControlledDSM,
     ImportanceSigmaSampler,
@@ -75,27 +73,10 @@ def _train(coefficient: str, order: int, rank: int, world: int, pg: str | None) 
     return res
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=20),
-    )
-    try:
-        for coefficient, order in CASES:
-            res = _train(coefficient, order, rank, WORLD, "default")
-            torch.save(res, os.path.join(outdir, f"{coefficient}-{order}.{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _worker(rank: int, world_size: int, outdir: str) -> None:
+    for coefficient, order in CASES:
+        res = _train(coefficient, order, rank, world_size, "default")
+        torch.save(res, os.path.join(outdir, f"{coefficient}-{order}.{rank}.pt"))
 
 
 @pytest.mark.distributed
@@ -103,20 +84,7 @@ def _free_port() -> int:
 def test_two_rank_controlled_dsm_equals_single_process(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo not available")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=45)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    run_distributed(_worker, WORLD, str(tmp_path), timeout=45)
     for coefficient, order in CASES:
         ref = _train(coefficient, order, 0, 1, None)
         got = [
