@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from varred.errors import VarRedError, check_floating, shape_str
+from varred.errors import VarRedError, check_broadcastable, check_floating, shape_str
 
 __all__ = ["ControlVariate", "stack_controls"]
 
@@ -70,16 +70,9 @@ class ControlVariate:
             )
         mean = self.mean
         if isinstance(mean, torch.Tensor):
-            out = values.shape[1:]
-            try:
-                ok = torch.broadcast_shapes(mean.shape, out) == out
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise VarRedError(
-                    f"mean: expected a shape broadcastable to the per-sample output shape "
-                    f"{shape_str(torch.empty(out))}, got {shape_str(mean)}"
-                )
+            check_broadcastable(
+                "mean", mean, tuple(values.shape[1:]), "the per-sample output shape"
+            )
             mean = mean.to(device=values.device, dtype=values.dtype)
         return values - mean
 

@@ -6,7 +6,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["VarRedError", "check_finite", "check_floating", "check_order", "shape_str"]
+__all__ = [
+    "VarRedError",
+    "check_broadcastable",
+    "check_finite",
+    "check_floating",
+    "check_order",
+    "shape_str",
+]
 
 
 class VarRedError(ValueError):
@@ -52,3 +59,15 @@ def check_order(order: Any, name: str = "order") -> int:
     if order < 0:
         raise VarRedError(f"{name}: expected a non-negative integer, got {order}")
     return int(order)
+
+
+def check_broadcastable(name: str, x: torch.Tensor, target: tuple[int, ...], what: str) -> None:
+    """Require ``x`` to broadcast to exactly ``target`` (``what`` names the target in the message)."""
+    try:
+        ok = torch.broadcast_shapes(x.shape, target) == torch.Size(target)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise VarRedError(
+            f"{name}: expected a shape broadcastable to {list(target)} ({what}), got {shape_str(x)}"
+        )

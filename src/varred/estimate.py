@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from varred.coefficients import OptimalCoefficient, _apply, _flatten
-from varred.errors import VarRedError, check_finite, check_floating, shape_str
+from varred.errors import VarRedError, check_broadcastable, check_finite, check_floating, shape_str
 
 __all__ = ["Estimate", "estimate"]
 
@@ -169,13 +169,6 @@ def _fixed_beta(
     if isinstance(coefficient, torch.Tensor):
         check_floating("coefficient", coefficient)
     check_finite("coefficient", beta)
-    target = torch.Size((*out, m)) if stacked else out
-    try:
-        ok = torch.broadcast_shapes(beta.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise VarRedError(
-            f"coefficient: expected a shape broadcastable to {list(target)}, got {shape_str(beta)}"
-        )
+    target = (*out, m) if stacked else tuple(out)
+    check_broadcastable("coefficient", beta, target, "[*out, m]" if stacked else "[*out]")
     return beta.detach()

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from varred.errors import VarRedError, check_finite, check_floating, shape_str
-from varred_diffusion.schedules import append_dims
+from varred_diffusion.schedules import append_dims, per_sample
 
 __all__ = ["as_sigma", "dsm_loss", "perturb"]
 
@@ -30,20 +30,12 @@ def as_sigma(
     A Python float or a 0-d tensor is broadcast to ``[B]``; any other shape than ``[B]``
     raises. ``validate`` also checks finiteness and ``σ > 0`` (one host sync).
     """
-    s = torch.as_tensor(sigma, device=x.device)
-    if not s.is_floating_point():
-        s = s.to(x.dtype)
-    if s.ndim == 0:
-        s = s.expand(x.shape[0])
-    if s.shape != x.shape[:1]:
-        raise VarRedError(
-            f"{name}: expected shape [{x.shape[0]}] (one per sample) or a scalar, got {shape_str(s)}"
-        )
+    s = per_sample(name, sigma, x.shape[0], x)
     if validate:
         check_finite(name, s)
         if bool((s <= 0).any()):
             raise VarRedError(f"{name}: expected > 0, got min {float(s.min())}")
-    return s.to(x.dtype)
+    return s
 
 
 def perturb(

@@ -33,6 +33,7 @@ from torch import Tensor
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
 from varred.gaussian import gauss_hermite_cubature
 from varred.taylor import taylor_terms
+from varred_diffusion.schedules import per_sample
 
 __all__ = ["AUTO_EXACT_MAX_EVALS", "dsm_taylor_cv", "resolve_expectation"]
 
@@ -43,28 +44,6 @@ Weighting = Callable[[Tensor], Tensor] | Tensor | float | None
 #: evaluations (with derivatives) per sample: ``d`` for k = 1, ``(k+1)^d`` for k ≥ 2.
 AUTO_EXACT_MAX_EVALS = 64
 _EXPECTATIONS = ("auto", "exact", "probe", "hutchinson")
-
-
-def _per_sample(name: str, v: Any, b: int, like: Tensor, default: float | None) -> Tensor:
-    """Broadcast a float / 0-d / ``[B]`` argument to ``[B]`` in ``like``'s dtype and device."""
-    if v is None:
-        if default is None:
-            raise VarRedError(f"{name}: expected a float or a tensor of shape [{b}], got None")
-        v = default
-    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
-        raise VarRedError(
-            f"{name}: expected a float or a tensor of shape [{b}], got {type(v).__name__}"
-        )
-    if not isinstance(v, Tensor):  # a Python number: no host-to-device copy
-        return torch.full((b,), float(v), dtype=like.dtype, device=like.device)
-    t = v.to(dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    if t.shape != (b,):
-        raise VarRedError(
-            f"{name}: expected a float, a 0-d tensor or shape [{b}], got {shape_str(t)}"
-        )
-    return t
 
 
 def _weights(weighting: Weighting, sigma: Tensor) -> Tensor:
@@ -83,7 +62,7 @@ def _weights(weighting: Weighting, sigma: Tensor) -> Tensor:
                 f"weighting: expected the callable to return shape {shape_str(sigma)}, got {shape_str(lam)}"
             )
         return lam
-    return _per_sample("weighting", weighting, sigma.shape[0], sigma, None)
+    return per_sample("weighting", weighting, sigma.shape[0], sigma, None)
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -349,13 +328,13 @@ def dsm_taylor_cv(
     noise = _check_noise("noise", noise, x)
     b = x.shape[0]
     d = x[0].numel()
-    sig = _per_sample("sigma", sigma, b, x, None)
+    sig = per_sample("sigma", sigma, b, x, None)
     if validate:
         check_finite("sigma", sig)
     if validate and bool((sig <= 0).any()):
         raise VarRedError(f"sigma: expected values > 0, got min {float(sig.min()):.3g}")
     method = resolve_expectation(expectation, order, d)
-    a = _per_sample("alpha", alpha, b, x, 1.0)
+    a = per_sample("alpha", alpha, b, x, 1.0)
     lam = _weights(weighting, sig)
     kwargs: dict[str, Any] = dict(score_kwargs or {})
 

@@ -21,24 +21,9 @@ import torch
 from torch import Tensor
 
 from varred.errors import VarRedError, check_finite, check_floating, shape_str
+from varred_diffusion.schedules import per_sample
 
 __all__ = ["GaussianMixture", "ScoreError", "asymmetric", "ring8", "score_error"]
-
-
-def _per_sample(
-    name: str, v: float | Tensor | None, n: int, like: Tensor, default: float
-) -> Tensor:
-    """Broadcast a float / 0-d / [n] noise parameter to ``[n]`` in ``like``'s dtype."""
-    if v is None:
-        v = default
-    t = torch.as_tensor(v, dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise VarRedError(
-            f"{name}: expected a float, a 0-d tensor or shape [{n}], got {shape_str(t)}"
-        )
-    return t
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,8 +87,8 @@ class GaussianMixture:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise VarRedError(f"x: expected shape [B, {self.dim}], got {shape_str(x)}")
         b, d = x.shape
-        s = _per_sample("sigma", sigma, b, x, 0.0)
-        a = _per_sample("alpha", alpha, b, x, 1.0)
+        s = per_sample("sigma", sigma, b, x, 0.0)
+        a = per_sample("alpha", alpha, b, x, 1.0)
         w, mu, cov = (t.to(x) for t in (self.weights, self.means, self.covariances))
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         # C[b, k] = α_b² Σ_k + σ_b² I: [B, K, d, d]
@@ -212,8 +197,8 @@ def score_error(
         x = check_floating("x_samples_or_n", x_samples_or_n)
     check_finite("x_samples_or_n", x)
     n = x.shape[0]
-    s = _per_sample("sigma", sigma, n, x, 0.0)
-    a = _per_sample("alpha", alpha, n, x, 1.0)
+    s = per_sample("sigma", sigma, n, x, 0.0)
+    a = per_sample("alpha", alpha, n, x, 1.0)
     if bool((s <= 0).any()):
         raise VarRedError(f"sigma: expected > 0, got min {float(s.min())}")
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

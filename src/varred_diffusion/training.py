@@ -18,10 +18,10 @@ from torch import Tensor
 from varred.errors import VarRedError, check_floating, check_order, shape_str
 from varred.gradient import GradientControl
 from varred_diffusion.losses import dsm_loss
+from varred_diffusion.schedules import per_sample
 from varred_diffusion.taylor_cv import (
     Weighting,
     _bcast,
-    _per_sample,
     _repeat_kwargs,
     _weights,
     dsm_taylor_cv,
@@ -134,7 +134,7 @@ class ControlledDSM:
             return None
         if callable(self.alpha):
             return self.alpha(sigma)
-        return _per_sample("alpha", self.alpha, sigma.shape[0], sigma, None)
+        return per_sample("alpha", self.alpha, sigma.shape[0], sigma, None)
 
     def _plain_kwargs(self, alpha: Tensor | None, score_kwargs: Mapping[str, Any] | None) -> dict:
         kw: dict[str, Any] = {"validate": self.validate}
@@ -164,7 +164,7 @@ class ControlledDSM:
         """
         check_floating("x", x)
         b = x.shape[0]
-        sig = _per_sample("sigma", sigma, b, x, None)
+        sig = per_sample("sigma", sigma, b, x, None)
         alpha = self._alpha(sig)
         if self.order > 0:
             loss = dsm_loss(self.score_fn, x, sig, noise, **self._plain_kwargs(alpha, score_kwargs))
@@ -186,7 +186,7 @@ class ControlledDSM:
             raise VarRedError(
                 f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}"
             )
-        a = _per_sample("alpha", 1.0 if alpha is None else alpha, b, x, None)
+        a = per_sample("alpha", 1.0 if alpha is None else alpha, b, x, None)
         x0 = _bcast(a, x) * x  # [B, ...]
         xt = x0 + _bcast(sig, x) * noise
         if self.stack:
@@ -245,7 +245,7 @@ class ControlledDSM:
         if not self.enabled:
             for p in self.params:
                 p.grad = None
-            sig = _per_sample("sigma", sigma, x.shape[0], x, None)
+            sig = per_sample("sigma", sigma, x.shape[0], x, None)
             loss = dsm_loss(
                 self.score_fn, x, sig, noise, **self._plain_kwargs(self._alpha(sig), score_kwargs)
             )
@@ -256,7 +256,7 @@ class ControlledDSM:
             x, sigma, noise, generator=generator, score_kwargs=score_kwargs
         )
         if groups is None and self.bins is not None:
-            groups = _bin_index(self.bins, _per_sample("sigma", sigma, x.shape[0], x, None))
+            groups = _bin_index(self.bins, per_sample("sigma", sigma, x.shape[0], x, None))
         # statistics in float32 at least (autocast may give bf16 / fp16 per-sample values)
         if loss.dtype in (torch.float16, torch.bfloat16):
             loss, ctrl = loss.float(), ctrl.float()
