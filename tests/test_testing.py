@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -98,3 +99,28 @@ def test_errors() -> None:
         assert_unbiased(lambda r: 0.0, 0.0, repetitions=3, z=0.0)
     with pytest.raises(VarRedError, match="d: expected a positive integer, got 0"):
         smooth_functions(0)
+
+
+def _rank_one_fails(rank: int, world_size: int, outdir: str) -> None:
+    import torch.distributed as dist
+
+    t = torch.ones(1)
+    dist.all_reduce(t)  # the group works on both ranks ...
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")  # ... then one rank fails
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(90)
+def test_run_distributed_reports_a_failing_rank(tmp_path) -> None:
+    """The harness's fast exit after success must not hide a rank whose ``fn`` raised."""
+    import torch.distributed as dist
+
+    from varred.testing import run_distributed
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    with pytest.raises(AssertionError, match="exited with codes") as info:
+        run_distributed(_rank_one_fails, 2, str(tmp_path), timeout=60)
+    codes = re.search(r"codes \[(-?\d+), (-?\d+)\]", str(info.value))
+    assert codes is not None and int(codes.group(2)) != 0  # rank 1 reported as failed
