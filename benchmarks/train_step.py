@@ -41,6 +41,7 @@ class Config:
     granularity: str = "element"
     binned: bool = False
     stack: bool = False
+    split: bool = False  # binned only: one forward per σ bin (group_forward="split")
 
     @property
     def name(self) -> str:
@@ -53,6 +54,8 @@ class Config:
                 self.granularity, self.granularity
             )
         )
+        if self.binned:
+            g += " split" if self.split else " joint"
         return f"k={self.order} {g}" + (" (stacked)" if self.stack and self.order == 0 else "")
 
 
@@ -64,6 +67,7 @@ def configs(orders: list[int]) -> list[Config]:
             Config(k, "tensor"),
             Config(k, "element"),
             Config(k, "element", binned=True),
+            Config(k, "element", binned=True, split=True),
         ]
         if k == 0:
             out += [Config(0, "element", stack=True), Config(0, "element", True, stack=True)]
@@ -98,6 +102,7 @@ def _stepper(cfg: Config, model: SmallUNet, device: str):
         bins=SigmaBins(2e-3, 3.0, 8) if cfg.binned else None,
         expectation="auto",
         stack=cfg.stack,
+        group_forward="split" if cfg.split else "joint",
         control_kwargs={"validate": False},
     )
     gen = torch.Generator(device=device).manual_seed(1)
@@ -170,7 +175,7 @@ def memory_all(cfgs: list[Config], batch: int, device: str) -> dict[str, float]:
             torch.cuda.empty_cache()
             out[c.name] = memory_one(c, batch, device)
             continue
-        arg = json.dumps([c.order, c.granularity, c.binned, c.stack, batch, device])
+        arg = json.dumps([c.order, c.granularity, c.binned, c.stack, c.split, batch, device])
         res = subprocess.run(
             [sys.executable, __file__, "--_memory", arg], capture_output=True, text=True, check=True
         )
@@ -202,8 +207,8 @@ def main() -> None:
     ap.add_argument("--_memory", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._memory:
-        order, gran, binned, stack, batch, device = json.loads(a._memory)
-        print(memory_one(Config(order, gran, binned, stack), batch, device))
+        order, gran, binned, stack, split, batch, device = json.loads(a._memory)
+        print(memory_one(Config(order, gran, binned, stack, split), batch, device))
         return
     if a.quick:
         a.batch, a.repeats = min(a.batch, 32), min(a.repeats, 2)

@@ -669,3 +669,126 @@ def test_load_legacy_per_parameter_state_dict(generator):
 def test_params_on_one_device():
     with pytest.raises(VarRedError, match=r"params\[1\]: expected all parameters on one device"):
         GradientControl([_p(), torch.nn.Parameter(torch.ones(2, device="meta"))])
+
+
+@pytest.mark.parametrize("coefficient", ["running", "per_sample", 0.7])
+@pytest.mark.parametrize("granularity", ["element", "tensor", "scalar"])
+def test_controls_split_by_group_equal_joint_controls(coefficient, granularity, generator):
+    """Per-group control tensors from separate forwards ≡ one ``[B]`` tensor with ``groups``."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))]
+    nets.append(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)))
+    nets = [n.double() for n in nets]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kw = {"coefficient": coefficient, "granularity": granularity, "num_groups": 3}
+    ctrls = [GradientControl(n.parameters(), warmup_steps=2, **kw) for n in nets]
+    for _ in range(5):
+        x = torch.randn(9, 2, generator=generator, dtype=torch.float64)
+        z = torch.randn(9, 2, generator=generator, dtype=torch.float64)
+        groups = torch.tensor([0, 0, 0, 0, 2, 2, 2, 2, 2])  # sorted; group 1 empty
+
+        def lc(net, xs, zs):
+            return (net(xs + 0.3 * zs).squeeze(1) - xs[:, 0]) ** 2, net(xs).squeeze(1) * zs[:, 0]
+
+        loss_a, ctl_a = lc(nets[0], x, z)
+        d_a = ctrls[0].backward(loss_a, ctl_a, groups)
+        parts = [lc(nets[1], x[lo:hi], z[lo:hi]) for lo, hi in ((0, 4), (4, 4), (4, 9))]
+        loss_b = torch.cat([p[0] for p in parts])
+        d_b = ctrls[1].backward(loss_b, [p[1] for p in parts])
+        for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(d_a["variance_ratio"], d_b["variance_ratio"])
+        for n in nets:
+            with torch.no_grad():
+                for p in n.parameters():
+                    p -= 0.1 * p.grad
+    assert any(bool((b != 0).any()) for b in ctrls[1].coefficients())
+
+
+def test_controls_split_by_group_errors(generator):
+    net = torch.nn.Linear(2, 1).double()
+    ctrl = GradientControl(net.parameters(), num_groups=2)
+    x = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    loss = net(x).squeeze(1) ** 2
+    c = net(x).squeeze(1) * x[:, 0]
+    cases = [
+        (([c[:2]], None), r"controls: expected 2 per-group tensors \(num_groups\), got 1"),
+        (([c[:2], c[2:]], torch.zeros(4, dtype=torch.long)), "groups: expected None when"),
+        (
+            ([c[:2], c[3:]], None),
+            r"sizes summing to the batch size of losses \[4\], got sizes \[2, 1\]",
+        ),
+        (([c[:2], c[2:, None]], None), r"controls\[1\]: expected a 1-D tensor"),
+        (([c[:2], torch.ones(2, dtype=torch.long)], None), r"controls\[1\]"),
+        ((5, None), "controls: expected a tensor .* got int"),
+    ]
+    for (controls, groups), match in cases:
+        with pytest.raises(VarRedError, match=match):
+            ctrl.backward(loss, controls, groups)
+
+
+@pytest.mark.parametrize("coefficient", ["running", "per_sample"])
+def test_grad_scaler_scales_grads_not_statistics(coefficient, generator):
+    """With a GradScaler the written gradient is S × the unscaled controlled gradient, β and
+    statistics match the unscaled run, and ``scaler.step`` then applies the same update."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))]
+    nets.append(torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)))
+    nets[1].load_state_dict(nets[0].state_dict())
+    ctrls = [GradientControl(n.parameters(), coefficient=coefficient, warmup_steps=2) for n in nets]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(5):
+        x = torch.randn(8, 2, generator=generator)
+        z = torch.randn(8, 2, generator=generator)
+        out = []
+        for net, ctrl, sc in zip(nets, ctrls, (None, scaler)):
+            loss = (net(x + 0.3 * z).squeeze(1) - x[:, 0]) ** 2
+            out.append(ctrl.backward(loss, net(x).squeeze(1) * z[:, 0], scaler=sc))
+        for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(q.grad, p.grad * 2.0**12, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out[1]["variance_ratio"], out[0]["variance_ratio"], rtol=1e-4, atol=1e-6
+        )
+        opts[0].step()
+        scaler.step(opts[1])
+        scaler.update()
+    for a, b in zip(ctrls[0].coefficients(), ctrls[1].coefficients()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert any(bool((b != 0).any()) for b in ctrls[1].coefficients())
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_grad_scaler_overflow_skips_step_and_statistics(generator):
+    """An Inf gradient (overflow) is written for the scaler to see: it skips the optimizer
+    step and halves S, and GradientControl's statistics stay bit-for-bit unchanged."""
+    net = torch.nn.Linear(2, 1)
+    ctrl = GradientControl(net.parameters(), warmup_steps=1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(8, 2, generator=generator)
+    ctrl.backward(net(x).squeeze(1) ** 2, net(x).squeeze(1) * x[:, 0], scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    before = {k: v.clone() for k, v in ctrl.state_dict().items() if isinstance(v, torch.Tensor)}
+    params = [p.detach().clone() for p in net.parameters()]
+    loss = net(x).squeeze(1) ** 2 * torch.tensor([float("inf")] + [1.0] * 7)
+    diag = ctrl.backward(loss, net(x).squeeze(1) * x[:, 0], scaler=scaler)
+    assert not bool(diag["finite"])
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9
+    for p, q in zip(net.parameters(), params):
+        assert torch.equal(p.detach(), q)
+    for k, v in ctrl.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+
+
+def test_grad_scaler_error(generator):
+    net = torch.nn.Linear(2, 1)
+    ctrl = GradientControl(net.parameters())
+    x = torch.randn(4, 2, generator=generator)
+    with pytest.raises(VarRedError, match=r"scaler: expected a torch\.amp\.GradScaler .* got float"):
+        ctrl.backward(net(x).squeeze(1), net(x).squeeze(1) * x[:, 0], scaler=2.0)

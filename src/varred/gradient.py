@@ -12,6 +12,7 @@ gradient of ``mean(ℓ - β c)`` (Jeha et al. 2024, Thm. 3.3/3.4). See ``docs/gr
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -290,6 +291,7 @@ class GradientControl:
         self._lengths = torch.tensor(self._sizes, dtype=torch.long, device=self._device)
         choice = {"auto": None, "batched": True, "loop": False}[group_backward]
         self._batched_choice = {"losses": choice, "controls": choice}  # per graph; auto: None
+        self._scale: Tensor | None = None  # GradScaler scale during backward(scaler=...)
         self.reset()
 
     # ---------------------------------------------------------------- state
@@ -429,14 +431,31 @@ class GradientControl:
 
     # ---------------------------------------------------------------- step
     def backward(
-        self, losses: Tensor, controls: Tensor, groups: Tensor | None = None
+        self,
+        losses: Tensor,
+        controls: Tensor | Sequence[Tensor],
+        groups: Tensor | None = None,
+        *,
+        scaler: Any = None,
     ) -> dict[str, Tensor]:
         """Write the controlled gradient into every ``p.grad`` (overwriting) and update β.
 
         Args:
             losses: ``[B]`` per-sample losses, differentiable in ``params``.
-            controls: ``[B]`` per-sample zero-mean controls, differentiable in ``params``.
+            controls: ``[B]`` per-sample zero-mean controls, differentiable in ``params``; or,
+                split by group, a sequence of ``num_groups`` tensors ``[n_0], …, [n_{G-1}]``
+                (``Σ n_g = B``; ``losses`` then lists group 0's samples first, then group 1's,
+                …, and ``groups`` must be ``None``). Split controls computed by separate
+                forward passes (one per group) make the ``G`` control backward passes cover
+                ``n_g`` rows each instead of ``B``: about one backward in all instead of ``G``
+                (running and fixed modes; see ``docs/gradient.md``).
             groups: ``[B]`` integer group index in ``[0, num_groups)``; ``None`` = group 0.
+            scaler: a ``torch.amp.GradScaler`` for float16 training: the backward passes run
+                on ``S·ℓ`` and ``S·c`` (``S`` its current scale, so small float16 gradients do
+                not underflow), every statistic and β see the unscaled gradients, and
+                ``p.grad`` holds ``S ×`` the controlled gradient, as ``scaler.step(optimizer)``
+                expects (it unscales, and skips the step on Inf/NaN, which this step then left
+                out of the statistics too). Sync-free: ``S`` enters as a tensor.
 
         Returns:
             diagnostics, all detached tensors (no host sync), computed after this step was
@@ -452,6 +471,10 @@ class GradientControl:
             VarRedError: bad shapes/dtypes/groups, losses independent of ``params``, or
                 non-finite values with ``raise_on_nonfinite=True``.
         """
+        self._scale = None if scaler is None else self._scale_of(scaler)
+        chunks: list[Tensor] | None = None
+        if not isinstance(controls, Tensor):
+            chunks, controls, groups = self._from_chunks(losses, controls, groups)
         batch = self._check_inputs(losses, controls, groups)
         active, pg = self._group()
         ready = self._num_updates >= self.config.warmup_steps  # β of this step is in use
@@ -460,7 +483,9 @@ class GradientControl:
                 losses, controls, groups, batch, active, pg
             )
         else:
-            g_l, g_c, finite = self._batch_gradients(losses, controls, groups, batch, active, pg)
+            g_l, g_c, finite = self._batch_gradients(
+                losses, controls, groups, batch, active, pg, chunks
+            )
             beta, upd = self._beta(), None
         with torch.no_grad():
             ctl = g_l - (self._expand(beta) * g_c).sum(0)  # [P] controlled gradient
@@ -474,7 +499,7 @@ class GradientControl:
             out = ctl
             if self.config.nonfinite == "zero":
                 out = torch.where(finite, ctl, torch.zeros_like(ctl))
-            self._write_grads(out)
+            self._write_grads(out if self._scale is None else out * self._scale)
             self._update(g_l, g_c, finite, upd)
             if not self._per_sample:
                 if not isinstance(self.config.coefficient, str):
@@ -492,6 +517,56 @@ class GradientControl:
             dst.append(p.grad)
             src.append(v)
         torch._foreach_copy_(dst, src)
+
+    def _scale_of(self, scaler: Any) -> Tensor:
+        """The scaler's current scale ``S`` as a ``[]`` tensor (statistics dtype; no sync)."""
+        fn = getattr(scaler, "scale", None)
+        if not callable(fn):
+            raise VarRedError(
+                f"scaler: expected a torch.amp.GradScaler (or None), got {type(scaler).__name__}"
+            )
+        one = torch.ones((), dtype=torch.float32, device=self._device)
+        return fn(one).to(self._dtype)
+
+    def _from_chunks(
+        self, losses: Tensor, chunks: Any, groups: Tensor | None
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Per-group controls → (chunks, ``[B]`` concatenation, ``[B]`` group index); no sync."""
+        ng = self.config.num_groups
+        try:
+            parts = list(chunks)
+        except TypeError:
+            raise VarRedError(
+                f"controls: expected a tensor [B] or a sequence of {ng} tensors (one per group), "
+                f"got {type(chunks).__name__}"
+            ) from None
+        if len(parts) != ng:
+            raise VarRedError(
+                f"controls: expected {ng} per-group tensors (num_groups), got {len(parts)}"
+            )
+        if groups is not None:
+            raise VarRedError(
+                "groups: expected None when controls are split by group (the split defines "
+                f"the groups), got {shape_str(groups)}"
+            )
+        for i, c in enumerate(parts):
+            check_floating(f"controls[{i}]", c)
+            if c.dim() != 1:
+                raise VarRedError(
+                    f"controls[{i}]: expected a 1-D tensor [n_{i}], got {shape_str(c)}"
+                )
+        sizes = [c.shape[0] for c in parts]
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or sum(sizes) != losses.shape[0]:
+            raise VarRedError(
+                f"controls: expected per-group sizes summing to the batch size of losses "
+                f"{shape_str(losses)}, got sizes {sizes}"
+            )
+        dev = losses.device
+        idx = torch.cat(
+            [torch.full((n,), g, dtype=torch.long, device=dev) for g, n in enumerate(sizes)]
+        )  # fill kernels, no host→device copy
+        dtype = functools.reduce(torch.promote_types, [c.dtype for c in parts])
+        return parts, torch.cat([c.to(dtype) for c in parts]), idx
 
     def _check_inputs(self, losses: Tensor, controls: Tensor, groups: Tensor | None) -> int:
         check_floating("losses", losses)
@@ -544,6 +619,8 @@ class GradientControl:
         """Flat ``autograd.grad`` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``, or ``[R, B]``
         batched rows → ``[R, P]``), unused parameters as zeros, in the statistics dtype;
         ``name`` set: all unused is an error."""
+        if self._scale is not None:
+            w = w * self._scale.to(w.dtype)
         gs = torch.autograd.grad(
             out, self.params, grad_outputs=w, retain_graph=retain,
             allow_unused=True, is_grads_batched=batched,
@@ -559,7 +636,8 @@ class GradientControl:
             if g is None else g.detach().reshape((*lead, n))
             for g, n in zip(gs, self._sizes)
         ]  # fmt: skip
-        return torch.cat(parts, dim=-1).to(self._dtype)  # [*lead, P], one cat
+        flat = torch.cat(parts, dim=-1).to(self._dtype)  # [*lead, P], one cat
+        return flat if self._scale is None else flat / self._scale
 
     def _grad_rows(self, out: Tensor, w: Tensor, retain: bool, name: str | None = None) -> Tensor:
         """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember)."""
@@ -581,8 +659,9 @@ class GradientControl:
         )
 
     def _batch_gradients(
-        self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any,
+        chunks: list[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Flat batch gradients ``g_ℓ [P]`` and per-group ``g_c [G, P]`` (global means), finite."""
         ng = self.config.num_groups
         scale = 1.0 if active else 1.0 / b  # sums when reducing, means otherwise
@@ -590,6 +669,13 @@ class GradientControl:
         g_l = self._grads(losses, torch.full_like(losses, scale), False, need_c, name="losses")
         if not need_c:
             g_c = g_l.new_zeros(ng, self._numel)
+        elif chunks is not None:  # one backward per group, each over that group's graph only
+            live = [j for j, c in enumerate(chunks) if c.requires_grad and c.shape[0] > 0]
+            rows = [g_l.new_zeros(self._numel)] * ng
+            for j in live:  # chunks may share graph parts: retain all but the last
+                c = chunks[j]
+                rows[j] = self._grads(c, torch.full_like(c, scale), False, j != live[-1])
+            g_c = torch.stack(rows)
         elif groups is None or ng == 1:
             g_c = self._grads(controls, torch.full_like(controls, scale), False, False)[None]
             if ng > 1:

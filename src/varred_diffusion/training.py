@@ -40,6 +40,11 @@ def _bin_index(bins: Any, sigma: Tensor) -> Tensor:
     return idx.to(torch.long)
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Statistics in float32 at least (autocast may give bf16 / fp16 per-sample values)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _num_bins(bins: Any) -> int:
     for name in ("num_bins", "num_groups"):
         if hasattr(bins, name):
@@ -69,6 +74,14 @@ class ControlledDSM:
             2.1× instead of 2.5× the plain step's memory (docs/diffusion.md).
         validate: input checks with host syncs in ``dsm_loss``, ``dsm_taylor_cv`` and
             ``GradientControl`` (its groups range check); ``False`` makes the step sync-free.
+        group_forward: with σ bins (or ``groups``), how the per-bin control gradients are
+            formed. ``"split"``: the batch is sorted by bin and losses and controls are
+            computed by one forward per bin, so each bin's control backward covers only its
+            own rows (about one backward in all; one host sync per step for the bin sizes).
+            ``"joint"``: one forward over the batch and ``G`` backward passes over all of it
+            (batched with vmap where possible; sync-free). ``"auto"`` (default): ``"split"``
+            when GradientControl validates groups (a sync anyway), else ``"joint"``. Same gradient either
+            way (up to summation order); see ``benchmarks/train_step.py`` for the costs.
         control_kwargs: further keyword arguments for ``GradientControl`` (its default
             ``group_backward="auto"`` falls back to one backward per σ bin where vmap over a
             backward through forward-mode AD fails, e.g. GroupNorm under jvp in torch 2.13).
@@ -100,6 +113,7 @@ class ControlledDSM:
         decay: float = 0.99,
         stack: bool = False,
         validate: bool = True,
+        group_forward: str = "auto",
         control_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.score_fn = score_fn
@@ -117,6 +131,10 @@ class ControlledDSM:
         self.bins = bins
         self.stack = bool(stack)
         self.validate = bool(validate)
+        if group_forward not in ("auto", "split", "joint"):
+            raise VarRedError(
+                f"group_forward: expected 'auto', 'split' or 'joint', got {group_forward!r}"
+            )
         num_groups = 1 if bins is None else _num_bins(bins)
         extra = dict(control_kwargs or {})
         extra.setdefault("validate", self.validate)
@@ -128,6 +146,9 @@ class ControlledDSM:
             num_groups=num_groups,
             **extra,
         )
+        if group_forward == "auto":  # split syncs once per step, as the groups check does
+            group_forward = "split" if self.control.config.validate else "joint"
+        self.group_forward = group_forward
 
     def _alpha(self, sigma: Tensor) -> Tensor | None:
         if self.alpha is None:
@@ -163,9 +184,20 @@ class ControlledDSM:
         separate calls.
         """
         check_floating("x", x)
+        sig = per_sample("sigma", sigma, x.shape[0], x, None)
+        return self._losses_controls(x, sig, noise, self._alpha(sig), generator, score_kwargs)
+
+    def _losses_controls(
+        self,
+        x: Tensor,
+        sig: Tensor,
+        noise: Tensor,
+        alpha: Tensor | None,
+        generator: torch.Generator | None,
+        score_kwargs: Mapping[str, Any] | None,
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`losses_and_controls` for per-sample ``sig [B]`` and ``alpha [B]``/None."""
         b = x.shape[0]
-        sig = per_sample("sigma", sigma, b, x, None)
-        alpha = self._alpha(sig)
         if self.order > 0:
             loss = dsm_loss(self.score_fn, x, sig, noise, **self._plain_kwargs(alpha, score_kwargs))
             ctrl = dsm_taylor_cv(
@@ -227,6 +259,7 @@ class ControlledDSM:
         generator: torch.Generator | None = None,
         groups: Tensor | None = None,
         score_kwargs: Mapping[str, Any] | None = None,
+        scaler: Any = None,
     ) -> dict[str, Tensor]:
         """Fill ``p.grad`` (overwriting) for one batch; return diagnostics (tensors, no host sync).
 
@@ -238,6 +271,9 @@ class ControlledDSM:
             groups: ``LongTensor[B]`` group of each sample; default: the σ-bin index
                 when ``bins`` was given, else one group.
             score_kwargs: extra keyword arguments for ``score_fn``.
+            scaler: a ``torch.amp.GradScaler`` (float16 training): the backward passes run on
+                scaled values and ``p.grad`` holds the scaled controlled gradient, ready for
+                ``scaler.step(optimizer)``; β and all statistics see unscaled gradients.
 
         Returns:
             ``GradientControl`` diagnostics plus ``"loss"`` (mean DSM loss, float32).
@@ -250,19 +286,67 @@ class ControlledDSM:
                 self.score_fn, x, sig, noise, **self._plain_kwargs(self._alpha(sig), score_kwargs)
             )
             mean = loss.mean()
-            mean.backward()
+            (mean if scaler is None else scaler.scale(mean)).backward()
             return {"loss": mean.detach().float()}
-        loss, ctrl = self.losses_and_controls(
-            x, sigma, noise, generator=generator, score_kwargs=score_kwargs
-        )
+        check_floating("x", x)
+        sig = per_sample("sigma", sigma, x.shape[0], x, None)
         if groups is None and self.bins is not None:
-            groups = _bin_index(self.bins, per_sample("sigma", sigma, x.shape[0], x, None))
-        # statistics in float32 at least (autocast may give bf16 / fp16 per-sample values)
-        if loss.dtype in (torch.float16, torch.bfloat16):
-            loss, ctrl = loss.float(), ctrl.float()
-        diag = dict(self.control.backward(loss, ctrl, groups=groups))
+            groups = _bin_index(self.bins, sig)
+        ng = self.control.config.num_groups
+        if groups is not None and ng > 1 and self.group_forward == "split":
+            loss, chunks = self._split_by_group(x, sig, noise, groups, generator, score_kwargs)
+            diag = dict(self.control.backward(loss, chunks, scaler=scaler))
+        else:
+            loss, ctrl = self._losses_controls(
+                x, sig, noise, self._alpha(sig), generator, score_kwargs
+            )
+            loss, ctrl = _at_least_float32(loss), _at_least_float32(ctrl)
+            diag = dict(self.control.backward(loss, ctrl, groups=groups, scaler=scaler))
         diag["loss"] = loss.detach().mean().float()
         return diag
+
+    def _split_by_group(
+        self,
+        x: Tensor,
+        sig: Tensor,
+        noise: Tensor,
+        groups: Tensor,
+        generator: torch.Generator | None,
+        score_kwargs: Mapping[str, Any] | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Losses ``[B]`` sorted by group and the controls of each group, one forward each."""
+        b, ng = x.shape[0], self.control.config.num_groups
+        if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.shape != (b,):
+            got = shape_str(groups) if isinstance(groups, Tensor) else type(groups).__name__
+            raise VarRedError(f"groups: expected an integer tensor of shape [{b}], got {got}")
+        if noise.shape != x.shape:
+            raise VarRedError(
+                f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}"
+            )
+        counts = torch.bincount(groups.clamp(min=-1) + 1, minlength=ng + 1).tolist()  # sync
+        if len(counts) > ng + 1 or counts[0] > 0:
+            lo, hi = int(groups.min()), int(groups.max())
+            raise VarRedError(f"groups: expected values in [0, {ng}), got min {lo} and max {hi}")
+        alpha = self._alpha(sig)
+        perm = torch.argsort(groups, stable=True)
+        kwargs = dict(score_kwargs or {})
+        losses, chunks, start = [], [], 0
+        for n in counts[1:]:
+            if n == 0:
+                chunks.append(sig.new_zeros(0, dtype=torch.promote_types(sig.dtype, torch.float32)))
+                continue
+            idx = perm[start : start + n]
+            start += n
+            kw = {
+                k: v[idx] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == b else v
+                for k, v in kwargs.items()
+            }  # per-sample keyword tensors follow their samples
+            loss, ctrl = self._losses_controls(
+                x[idx], sig[idx], noise[idx], None if alpha is None else alpha[idx], generator, kw
+            )
+            losses.append(_at_least_float32(loss))
+            chunks.append(_at_least_float32(ctrl))
+        return torch.cat(losses), chunks
 
     __call__ = step
 

@@ -198,3 +198,81 @@ def test_higher_order_with_bins_runs(order: int, generator: torch.Generator) -> 
     assert diag["variance_ratio_per_group"].shape == (3,)
     for p in model.parameters():
         assert bool(torch.isfinite(p.grad).all())
+
+
+class LabelScore(Score):
+    """``Score`` with a per-sample keyword (a class label shifting the output)."""
+
+    def forward(self, x: Tensor, sigma: Tensor, label: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        out = super().forward(x, sigma)
+        return out if label is None else out + 0.1 * label[:, None].to(out.dtype)
+
+
+@pytest.mark.parametrize("order", [0, 1])
+@pytest.mark.parametrize("coefficient", ["running", "per_sample"])
+@pytest.mark.parametrize("granularity", ["element", "scalar"])
+def test_split_group_forward_equals_joint(
+    order: int, coefficient: str, granularity: str, generator: torch.Generator
+) -> None:
+    """``group_forward="split"`` (one forward per σ bin) gives the joint path's gradients, β
+    and diagnostics, with per-sample keyword tensors, a per-sample α and an empty bin."""
+    model = LabelScore(generator)
+    ref = LabelScore(generator)
+    ref.load_state_dict(model.state_dict())
+    bins = SigmaBins(1e-3, 1.0, 5)  # 5e-4 falls below the range: clamped into bin 0
+    alpha = lambda s: 1.0 / torch.sqrt(1.0 + s**2)  # noqa: E731
+    kw = {"order": order, "coefficient": coefficient, "granularity": granularity, "bins": bins}
+    kw |= {"alpha": alpha, "expectation": "exact", "control_kwargs": {"warmup_steps": 2}}
+    split = ControlledDSM(model, model.parameters(), group_forward="split", **kw)
+    joint = ControlledDSM(ref, ref.parameters(), group_forward="joint", **kw)
+    opt_s = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_j = torch.optim.SGD(ref.parameters(), lr=0.05)
+    for _ in range(4):
+        x, sigma, eps = _batch(generator, 24)
+        sigma[:3] = 5e-4  # bin 0 present in this step
+        label = torch.randint(0, 3, (24,), generator=generator)
+        d_s = split(x, sigma, eps, score_kwargs={"label": label})
+        d_j = joint(x, sigma, eps, score_kwargs={"label": label})
+        for a, b in zip(_grads(model), _grads(ref)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        for key in ("loss", "variance_ratio", "beta_mean", "grad_norm_control"):
+            torch.testing.assert_close(d_s[key], d_j[key], rtol=1e-10, atol=1e-12)
+        opt_s.step()
+        opt_j.step()
+    for a, b in zip(split.control.coefficients(), joint.control.coefficients()):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    assert any(bool((b != 0).any()) for b in split.control.coefficients())
+
+
+def test_split_group_forward_bad_groups(generator: torch.Generator) -> None:
+    model = Score(generator)
+    step = ControlledDSM(model, model.parameters(), bins=SigmaBins(1e-3, 1.0, 3))
+    assert step.group_forward == "split"
+    x, sigma, eps = _batch(generator, 8)
+    with pytest.raises(
+        VarRedError, match=r"groups: expected values in \[0, 3\), got min 0 and max 3"
+    ):
+        step(x, sigma, eps, groups=torch.tensor([0, 1, 2, 3, 0, 1, 2, 0]))
+    with pytest.raises(VarRedError, match=r"groups: expected values in \[0, 3\), got min -1"):
+        step(x, sigma, eps, groups=torch.tensor([0, 1, 2, -1, 0, 1, 2, 0]))
+    with pytest.raises(VarRedError, match="group_forward: expected 'auto', 'split' or 'joint'"):
+        ControlledDSM(model, model.parameters(), group_forward="vmap")
+    fast = ControlledDSM(model, model.parameters(), bins=SigmaBins(1e-3, 1.0, 3), validate=False)
+    assert fast.group_forward == "joint"  # sync-free by default when nothing is validated
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("group_forward", ["split", "joint"])
+def test_grad_scaler_step(enabled: bool, group_forward: str, generator: torch.Generator) -> None:
+    """``step(..., scaler=)`` writes S × the unscaled gradient (plain or controlled, any
+    group_forward), ready for ``scaler.step``."""
+    model = Score(generator)
+    x, sigma, eps = _batch(generator, 16)
+    kw = {"bins": SigmaBins(1e-3, 1.0, 3), "coefficient": 0.8, "enabled": enabled}
+    step = ControlledDSM(model, model.parameters(), group_forward=group_forward, **kw)
+    step(x, sigma, eps)
+    want = _grads(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    step(x, sigma, eps, scaler=scaler)
+    for a, b in zip(_grads(model), want):
+        torch.testing.assert_close(a, b * 2.0**8, rtol=1e-12, atol=1e-12)
