@@ -790,5 +790,7 @@ def test_grad_scaler_error(generator):
     net = torch.nn.Linear(2, 1)
     ctrl = GradientControl(net.parameters())
     x = torch.randn(4, 2, generator=generator)
-    with pytest.raises(VarRedError, match=r"scaler: expected a torch\.amp\.GradScaler .* got float"):
+    with pytest.raises(
+        VarRedError, match=r"scaler: expected a torch\.amp\.GradScaler .* got float"
+    ):
         ctrl.backward(net(x).squeeze(1), net(x).squeeze(1) * x[:, 0], scaler=2.0)
