@@ -13,16 +13,15 @@ gradient of ``mean(ℓ - β c)`` (Jeha et al. 2024, Thm. 3.3/3.4). See ``docs/gr
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.gradient_config import GradientControlConfig, check_params
+from varred.moments import all_finite, merge_moments, moment_step, pooled_ratio, safe_div
 
 __all__ = ["GradientControl", "GradientControlConfig", "merge_moments", "pooled_ratio"]
 
@@ -30,167 +29,6 @@ Tensor = torch.Tensor
 _STATS = ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll")
 # running/fixed modes: moments of the applied (controlled) and plain step gradients, see _track
 _TRACK = ("track_weight", "ctl_mean", "plain_mean", "ctl_var", "plain_var")
-
-
-@dataclass(frozen=True)
-class GradientControlConfig:
-    """Validated options of :class:`GradientControl` (see its docstring for their meaning)."""
-
-    granularity: str = "element"
-    coefficient: str | float = "running"
-    decay: float = 0.99
-    num_groups: int = 1
-    warmup_steps: int = 10
-    per_sample_fit: str = "running"
-    folds: int = 2
-    nonfinite: str = "propagate"
-    raise_on_nonfinite: bool = False
-    validate: bool = True
-    group_backward: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.granularity not in ("element", "tensor", "scalar"):
-            raise VarRedError(
-                f"granularity: expected 'element', 'tensor' or 'scalar', got {self.granularity!r}"
-            )
-        c = self.coefficient
-        if isinstance(c, str):
-            if c not in ("running", "per_sample"):
-                raise VarRedError(
-                    f"coefficient: expected 'running', 'per_sample' or a float, got {c!r}"
-                )
-        elif isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
-            raise VarRedError(
-                f"coefficient: expected 'running', 'per_sample' or a finite float, got {c!r}"
-            )
-        if isinstance(self.decay, bool) or not isinstance(self.decay, numbers.Real):
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
-        if not 0.0 < float(self.decay) <= 1.0:
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
-        for name, low in (("num_groups", 1), ("warmup_steps", 0), ("folds", 2)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
-                raise VarRedError(f"{name}: expected an integer >= {low}, got {v!r}")
-        if self.per_sample_fit not in ("running", "crossfit"):
-            raise VarRedError(
-                f"per_sample_fit: expected 'running' or 'crossfit', got {self.per_sample_fit!r}"
-            )
-        if self.nonfinite not in ("propagate", "zero"):
-            raise VarRedError(f"nonfinite: expected 'propagate' or 'zero', got {self.nonfinite!r}")
-        if self.group_backward not in ("auto", "batched", "loop"):
-            raise VarRedError(
-                f"group_backward: expected 'auto', 'batched' or 'loop', got {self.group_backward!r}"
-            )
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den > tiny``, else exactly 0 (never NaN)."""
-    return torch.where(den > torch.finfo(den.dtype).tiny, num / den, 0.0)  # 0/0 not selected
-
-
-def _all_finite(x: Tensor) -> Tensor:
-    """``[]`` bool: no NaN/Inf in ``x`` (two passes: ``x·0`` is 0 exactly where finite)."""
-    return (x * 0).sum() == 0
-
-
-def _lead(x: Tensor, n: int) -> Tensor:
-    """View a ``[L]`` tensor as ``[L, 1, ..., 1]`` with ``n`` trailing singleton dims."""
-    return x.reshape(x.shape + (1,) * n)
-
-
-def pooled_ratio(num: Sequence[Tensor], den: Sequence[Tensor], granularity: str) -> list[Tensor]:
-    """Coefficients ``Σ num / Σ den`` pooled per element, per tensor or over all tensors.
-
-    Args:
-        num: per parameter, covariances ``Cov(g_c, g_ℓ)`` of shape ``[L, *p.shape]``.
-        den: per parameter, variances ``Var(g_c)`` of the same shapes.
-        granularity: ``"element"`` (no pooling), ``"tensor"`` (sum over each tensor's
-            elements) or ``"scalar"`` (sum over all elements of all tensors).
-
-    Returns:
-        per parameter, β of shape ``[L, *p.shape]`` (element) or ``[L, 1, ..., 1]``; 0 where
-        the pooled variance is 0.
-    """
-    if granularity == "element":
-        return [_safe_div(n, d) for n, d in zip(num, den)]
-    sn = [n.flatten(1).sum(1) for n in num]  # [L, *p] -> [L]
-    sd = [d.flatten(1).sum(1) for d in den]
-    if granularity == "scalar":
-        total = _safe_div(torch.stack(sn).sum(0), torch.stack(sd).sum(0))
-        return [_lead(total, n.dim() - 1) for n in num]
-    return [_lead(_safe_div(a, b), n.dim() - 1) for a, b, n in zip(sn, sd, num)]
-
-
-def merge_moments(
-    state: dict[str, Tensor],
-    weight: Tensor,
-    batch: dict[str, Tensor],
-    count: Tensor,
-    decay: float,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Merge batch moments into exponentially weighted running moments (Chan et al. 1979).
-
-    Running weights decay by ``decay`` and the batch enters with weight ``count``; with
-    ``count = 1`` and zero batch covariance this is the weighted update of Finch (2009),
-    ``C ← (1-α)(C + α δ_x δ_y)``. Means and covariances are normalised (population) ones.
-
-    Args:
-        state: ``mean_c, mean_l, cov_cc, cov_cl, cov_ll`` of one parameter, each ``[L, *p]``
-            (``mean_l``/``cov_ll`` may have ``L = 1`` and broadcast).
-        weight: ``[L]`` or ``[1]`` (shared) running total weight.
-        batch: the same keys for the batch (its means and covariances).
-        count: shaped like ``weight``, the batch weight (number of samples, or 1 per step).
-        decay: forgetting factor in ``(0, 1]`` (1 = plain cumulative moments).
-
-    Returns:
-        the merged state and weight (new tensors).
-    """
-    n = state["mean_c"].dim() - 1
-    w_old = weight * decay
-    w_new = w_old + count
-    f = _lead(_safe_div(count, w_new), n)  # fraction of the merged weight that is new
-    dc = batch["mean_c"] - state["mean_c"]
-    dl = batch["mean_l"] - state["mean_l"]
-    g = f * (1 - f)
-    out = {
-        "mean_c": state["mean_c"] + f * dc,
-        "mean_l": state["mean_l"] + f * dl,
-        "cov_cc": (1 - f) * state["cov_cc"] + f * batch["cov_cc"] + g * dc * dc,
-        "cov_cl": (1 - f) * state["cov_cl"] + f * batch["cov_cl"] + g * dc * dl,
-    }
-    out["cov_ll"] = (1 - f) * state["cov_ll"] + f * batch["cov_ll"] + g * dl * dl
-    return out, w_new
-
-
-def _check_params(params: Any) -> list[Tensor]:
-    if isinstance(params, Tensor):
-        params = [params]
-    try:
-        plist = list(params)
-    except TypeError:
-        raise VarRedError(
-            f"params: expected an iterable of tensors, got {type(params).__name__}"
-        ) from None
-    out: list[Tensor] = []
-    seen: set[int] = set()
-    for i, p in enumerate(plist):
-        check_floating(f"params[{i}]", p)
-        if not p.requires_grad:
-            raise VarRedError(
-                f"params[{i}]: expected a tensor with requires_grad=True, got requires_grad=False "
-                f"(shape {shape_str(p)})"
-            )
-        if p.device != plist[0].device:
-            raise VarRedError(
-                f"params[{i}]: expected all parameters on one device ({plist[0].device}), "
-                f"got {p.device}"
-            )
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    if not out:
-        raise VarRedError("params: expected at least one parameter tensor, got none")
-    return out
 
 
 class GradientControl:
@@ -280,7 +118,7 @@ class GradientControl:
             raise VarRedError(
                 f"process_group: expected None, 'default' or a ProcessGroup, got {process_group!r}"
             )
-        self.params = _check_params(params)
+        self.params = check_params(params)
         self.process_group = process_group
         is64 = any(p.dtype == torch.float64 for p in self.params)
         self._dtype = torch.float64 if is64 else torch.float32
@@ -390,13 +228,13 @@ class GradientControl:
         """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``."""
         gran = self.config.granularity
         if gran == "element":
-            return _safe_div(num, den)
+            return safe_div(num, den)
         if gran == "scalar":
-            return _safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
+            return safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
         lengths = self._lengths.expand(num.shape[0], -1)  # deterministic segmented sums
         sn = torch.segment_reduce(num, "sum", lengths=lengths, axis=1)  # [L, npar]
         sd = torch.segment_reduce(den, "sum", lengths=lengths, axis=1)
-        return _safe_div(sn, sd)
+        return safe_div(sn, sd)
 
     def _expand(self, beta: Tensor) -> Tensor:
         """Compact β ``[L, P | npar | 1]`` → broadcastable against ``[L, P]``."""
@@ -490,7 +328,7 @@ class GradientControl:
         with torch.no_grad():
             ctl = g_l - (self._expand(beta) * g_c).sum(0)  # [P] controlled gradient
             if not self._per_sample:  # NaN/Inf in g_ℓ or any g_c reaches ctl (0·Inf = NaN)
-                finite = finite & _all_finite(ctl)
+                finite = finite & all_finite(ctl)
             if self.config.raise_on_nonfinite and not bool(finite):
                 raise VarRedError(
                     "losses/controls: expected finite losses, controls and gradients, got "
@@ -726,7 +564,7 @@ class GradientControl:
             return x.view(k, ng, -1).sum(0)
 
         def m2(s2: Tensor, s1x: Tensor, s1y: Tensor, cnt: Tensor) -> Tensor:
-            return s2 - _safe_div(s1x * s1y, cnt[:, None])
+            return s2 - safe_div(s1x * s1y, cnt[:, None])
 
         bad = ((~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()).to(self._dtype)
         n, bad, sc, sl = self._allreduce(active, pg, [oh.sum(1), bad.view(1), oh @ gc, oh @ gl])
@@ -734,18 +572,18 @@ class GradientControl:
         n_g = n.view(k, ng).sum(0)  # [G]
         ncol = n_g[:, None]
         total = n.sum()
-        mc, ml = _safe_div(gsum(sc), ncol), _safe_div(gsum(sl), ncol)  # [G, P] batch means
+        mc, ml = safe_div(gsum(sc), ncol), safe_div(gsum(sl), ncol)  # [G, P] batch means
         dc, dl = gc - mc[gi], gl - ml[gi]  # [B, P], centred at the global group mean
         s1c, s1l, s2cc, s2cl, s2ll = self._allreduce(
             active, pg, [oh @ dc, oh @ dl, oh @ (dc * dc), oh @ (dc * dl), oh @ (dl * dl)]
         )
         a, c = gsum(s1c), gsum(s1l)
         batch = {
-            "mean_c": mc + _safe_div(a, ncol),
-            "mean_l": ml + _safe_div(c, ncol),
-            "cov_cc": _safe_div(m2(gsum(s2cc), a, a, n_g), ncol),
-            "cov_cl": _safe_div(m2(gsum(s2cl), a, c, n_g), ncol),
-            "cov_ll": _safe_div(m2(gsum(s2ll), c, c, n_g), ncol),
+            "mean_c": mc + safe_div(a, ncol),
+            "mean_l": ml + safe_div(c, ncol),
+            "cov_cc": safe_div(m2(gsum(s2cc), a, a, n_g), ncol),
+            "cov_cl": safe_div(m2(gsum(s2cl), a, c, n_g), ncol),
+            "cov_ll": safe_div(m2(gsum(s2ll), c, c, n_g), ncol),
         }
         g_l = sl.sum(0) / total
         if k == 1:
@@ -759,7 +597,7 @@ class GradientControl:
             cl = m2(other(s2cl), other(s1c), other(s1l), n_o)
             cc = m2(other(s2cc), other(s1c), other(s1c), n_o)
             beta, g_c = self._pool(cl, cc), sc / total
-        finite = (bad == 0) & _all_finite(sc) & _all_finite(sl)
+        finite = (bad == 0) & all_finite(sc) & all_finite(sl)
         return g_l, g_c, beta, finite, (batch, n_g)
 
     # ---------------------------------------------------------------- statistics
@@ -774,39 +612,12 @@ class GradientControl:
             self._weight = torch.where(finite, new_w, self._weight)
         else:  # running: one observation (g_c, g_ℓ) per step, weight 1, in place
             st = self._stats
-            self._weight = self._moment_step(
+            self._weight = moment_step(
                 self._weight, finite, [(st["mean_c"], g_c), (st["mean_l"], g_l[None])],
                 [(st["cov_cc"], 0, 0), (st["cov_cl"], 0, 1), (st["cov_ll"], 1, 1)],
+                float(self.config.decay),
             )  # fmt: skip
         self._num_updates = self._num_updates + finite.long()
-
-    def _moment_step(
-        self, weight: Tensor, ok: Tensor, means: list[tuple[Tensor, Tensor]],
-        covs: list[tuple[Tensor, int, int]],
-    ) -> Tensor:  # fmt: skip
-        """In-place weighted update of running means and centred (co)variances by one sample.
-
-        ``m ← m + f δ``, ``C_xy ← (1-f) C_xy + f(1-f) δ_x δ_y`` with ``f = 1 / w``,
-        ``w ← decay·w + 1`` (Finch 2009); ``ok`` false: ``f = 0`` and ``δ = 0``, so nothing
-        changes (bit for bit, no sync). ``covs`` name the two ``means`` entries (by index)
-        whose deltas they multiply; a cov may be a ``[]`` trace (then ``δ_x·δ_y`` is summed).
-
-        Returns:
-            the new weight.
-        """
-        w_new = weight * float(self.config.decay) + 1
-        f = torch.where(ok, 1 / w_new, 0.0).reshape(())  # weight is [1] here
-        deltas = [torch.where(ok, x - m, 0.0) for m, x in means]
-        h = f * (1 - f)
-        for m, d in zip(means, deltas):
-            m[0].addcmul_(d, f)
-        for c, i, j in covs:
-            c.mul_(1 - f)
-            if c.dim() == 0:
-                c.add_((h * deltas[i] * deltas[j]).sum())
-            else:
-                c.addcmul_(deltas[i] * h, deltas[j])
-        return torch.where(ok, w_new, weight)
 
     def _update_track(self, ctl: Tensor, g_l: Tensor, ok: Tensor) -> None:
         """Running moments of the applied ``ctl [P]`` and plain ``g_l [P]`` step gradients.
@@ -815,9 +626,9 @@ class GradientControl:
         the variances are kept as traces ``[]``.
         """
         t = self._track
-        t["track_weight"] = self._moment_step(
+        t["track_weight"] = moment_step(
             t["track_weight"], ok, [(t["ctl_mean"], ctl), (t["plain_mean"], g_l)],
-            [(t["ctl_var"], 0, 0), (t["plain_var"], 1, 1)],
+            [(t["ctl_var"], 0, 0), (t["plain_var"], 1, 1)], float(self.config.decay),
         )  # fmt: skip
 
     def _diagnostics(
@@ -839,7 +650,7 @@ class GradientControl:
         return {
             "variance_ratio": ratio.to(self._dtype),
             "variance_ratio_per_group": per_group.to(self._dtype),
-            "correlation": _safe_div(cl.sum(1), torch.sqrt(cc.sum(1) * tll)),
+            "correlation": safe_div(cl.sum(1), torch.sqrt(cc.sum(1) * tll)),
             "beta_mean": beta.mean(),
             "beta_min": beta.min(),
             "beta_max": beta.max(),
