@@ -45,6 +45,14 @@ def _at_least_float32(t: Tensor) -> Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def _take_rows(kwargs: Mapping[str, Any], rows: Tensor | slice, b: int) -> dict[str, Any]:
+    """Index the keyword tensors whose first dimension is the batch ``b`` by ``rows``."""
+    return {
+        k: v[rows] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == b else v
+        for k, v in kwargs.items()
+    }
+
+
 def _num_bins(bins: Any) -> int:
     for name in ("num_bins", "num_groups"):
         if hasattr(bins, name):
@@ -187,6 +195,30 @@ class ControlledDSM:
         sig = per_sample("sigma", sigma, x.shape[0], x, None)
         return self._losses_controls(x, sig, noise, self._alpha(sig), generator, score_kwargs)
 
+    def _control(
+        self,
+        x: Tensor,
+        sig: Tensor,
+        noise: Tensor,
+        alpha: Tensor | None,
+        generator: torch.Generator | None,
+        score_kwargs: Mapping[str, Any] | None,
+    ) -> Tensor:
+        """Per-sample ``C^k`` ``[B]`` from :func:`dsm_taylor_cv` with this step's settings."""
+        return dsm_taylor_cv(
+            self.score_fn,
+            x,
+            sig,
+            noise,
+            order=self.order,
+            weighting=self.weighting,
+            alpha=alpha,
+            expectation=self.expectation,
+            generator=generator,
+            score_kwargs=score_kwargs,
+            validate=self.validate,
+        )
+
     def _losses_controls(
         self,
         x: Tensor,
@@ -200,20 +232,7 @@ class ControlledDSM:
         b = x.shape[0]
         if self.order > 0:
             loss = dsm_loss(self.score_fn, x, sig, noise, **self._plain_kwargs(alpha, score_kwargs))
-            ctrl = dsm_taylor_cv(
-                self.score_fn,
-                x,
-                sig,
-                noise,
-                order=self.order,
-                weighting=self.weighting,
-                alpha=alpha,
-                expectation=self.expectation,
-                generator=generator,
-                score_kwargs=score_kwargs,
-                validate=self.validate,
-            )
-            return loss, ctrl
+            return loss, self._control(x, sig, noise, alpha, generator, score_kwargs)
         if noise.shape != x.shape:
             raise VarRedError(
                 f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}"
@@ -314,7 +333,7 @@ class ControlledDSM:
         generator: torch.Generator | None,
         score_kwargs: Mapping[str, Any] | None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """Losses ``[B]`` sorted by group and the controls of each group, one forward each."""
+        """Losses ``[B]`` sorted by group (one forward) and each group's controls (one each)."""
         b, ng = x.shape[0], self.control.config.num_groups
         if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.shape != (b,):
             got = shape_str(groups) if isinstance(groups, Tensor) else type(groups).__name__
@@ -327,26 +346,23 @@ class ControlledDSM:
         if len(counts) > ng + 1 or counts[0] > 0:
             lo, hi = int(groups.min()), int(groups.max())
             raise VarRedError(f"groups: expected values in [0, {ng}), got min {lo} and max {hi}")
-        alpha = self._alpha(sig)
         perm = torch.argsort(groups, stable=True)
-        kwargs = dict(score_kwargs or {})
-        losses, chunks, start = [], [], 0
+        alpha = self._alpha(sig)
+        x, sig, noise = x[perm], sig[perm], noise[perm]
+        alpha = None if alpha is None else alpha[perm]
+        kw = _take_rows(score_kwargs or {}, perm, b)  # per-sample keywords follow their samples
+        loss = dsm_loss(self.score_fn, x, sig, noise, **self._plain_kwargs(alpha, kw))
+        chunks, lo = [], 0
         for n in counts[1:]:
-            if n == 0:
-                chunks.append(sig.new_zeros(0, dtype=torch.promote_types(sig.dtype, torch.float32)))
-                continue
-            idx = perm[start : start + n]
-            start += n
-            kw = {
-                k: v[idx] if isinstance(v, Tensor) and v.ndim >= 1 and v.shape[0] == b else v
-                for k, v in kwargs.items()
-            }  # per-sample keyword tensors follow their samples
-            loss, ctrl = self._losses_controls(
-                x[idx], sig[idx], noise[idx], None if alpha is None else alpha[idx], generator, kw
+            hi, cut = lo + n, slice(lo, lo + n)
+            kw_g = _take_rows(kw, cut, b)
+            a_g = None if alpha is None else alpha[cut]
+            ctrl = self._control(x[cut], sig[cut], noise[cut], a_g, generator, kw_g) if n else None
+            chunks.append(
+                _at_least_float32(ctrl) if ctrl is not None else loss.new_zeros(0).float()
             )
-            losses.append(_at_least_float32(loss))
-            chunks.append(_at_least_float32(ctrl))
-        return torch.cat(losses), chunks
+            lo = hi
+        return _at_least_float32(loss), chunks
 
     __call__ = step
 
