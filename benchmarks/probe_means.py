@@ -3,7 +3,9 @@
 For C^0 (exact, never needs probes) and C^1 with exact, Hutchinson and Gaussian-probe
 means, the variance ratio of the per-sample gradient (per-element β fitted on independent
 draws, ``varred_diffusion.gradient_variance_ratio``) on the 8-Gaussian ring (d = 2) and on
-standard-normal data in d = 32, with a tanh ``MLPScore`` at initialisation, by σ.
+standard-normal data in d = 32, with a tanh ``MLPScore`` at initialisation, by σ. Each
+cell is "VR ± its standard error" (delete-one-block jackknife over the evaluation draws,
+given the fitted β: ``VarianceRatio.ratio_stderr``).
 
     python benchmarks/probe_means.py [--units 256]
 """
@@ -47,7 +49,7 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(0), num_fit=args.units,
                     num_eval=args.units, kinds=("element",),
                 )  # fmt: skip
-                cells.append(f"{vr.ratio['element']:.2g}")
+                cells.append(f"{vr.ratio['element']:.3g} ± {vr.ratio_stderr['element']:.2g}")
             print(f"| {d} | {order} | {method} | " + " | ".join(cells) + " |")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_text",
     "get_generator_states",
     "load_checkpoint",
+    "plus_minus",
     "save_checkpoint",
     "save_figure",
     "set_generator_states",
@@ -138,6 +139,13 @@ def _csv_value(v: Any) -> Any:
     if isinstance(v, float):
         return f"{v:.10g}"
     return "" if v is None else v
+
+
+def plus_minus(value: float, stderr: float | None, spec: str = ".3g") -> str:
+    """``"0.331 ± 0.021"`` for a Markdown table (just the value when the SE is NaN/None)."""
+    if stderr is None or not math.isfinite(stderr):
+        return format(value, spec)
+    return f"{format(value, spec)} ± {stderr:.2g}"
 
 
 def write_markdown(path: str | os.PathLike[str], text: str) -> Path:

@@ -7,6 +7,10 @@ batches (β fitted on other batches), relative to the plain estimator (i.i.d. lo
 per-element / per-σ-bin, antithetic noise (ε, −ε), stratified and low-discrepancy σ,
 importance-sampled σ, and combinations. The step-time ratio comes from timing one training
 step of each technique in the same run; efficiency = (Var_plain · t_plain)/(Var · t).
+Standard errors: each variance gets a delete-one-block jackknife SE over its evaluation
+batches (given the fitted β); a technique's batches are independent of the plain
+baseline's, so the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method
+for a ratio of independent estimates); the baseline row is 1 by construction (SE 0).
 Problems: the 2-D toy (``MLPScore``) and MNIST (``SmallUNet``; skipped with a note when no
 IDX data is found).
 """
@@ -32,8 +36,9 @@ from varred_diffusion.diagnostics import (
     unit_gradients,
 )
 from varred_diffusion.experiments.common import Context, run_job
-from varred_diffusion.experiments.io import write_csv, write_json, write_markdown
+from varred_diffusion.experiments.io import plus_minus, write_csv, write_json, write_markdown
 from varred_diffusion.experiments.toysetup import ToyConfig, build_toy_job, make_mixture
+from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
 
 __all__ = ["DESIGNS", "Problem", "run_leaderboard"]
 
@@ -127,7 +132,13 @@ def _warm_importance(p: Problem, g: torch.Generator) -> Any:
 
 
 def _moments(
-    p: Problem, design: str, order: int | None, units: int, g: torch.Generator, sampler: Any
+    p: Problem,
+    design: str,
+    order: int | None,
+    units: int,
+    g: torch.Generator,
+    sampler: Any,
+    sums: BlockSums | None = None,
 ) -> GradientMoments:
     from varred_diffusion.bins import SigmaBins
     from varred_diffusion.losses import dsm_loss
@@ -146,11 +157,31 @@ def _moments(
         if order is None:
             gl, _ = unit_gradients(losses, None, params, None, p.num_bins, w)
             mom.update(gl[None])
+            if sums is not None:
+                sums.update(gl[None])
             continue
         c = dsm_taylor_cv(sf, x, s, e, order=order, expectation=p.expectation, generator=g)
         gl, h = unit_gradients(losses, c, params, bins.index(s), p.num_bins, w)
         mom.update(gl[None], h[None])
+        if sums is not None:
+            sums.update(gl[None], h[None])
     return mom
+
+
+def _block_sums(p: Problem, betas: list[Tensor | None], units: int) -> BlockSums | None:
+    """Jackknife sums for ``units`` evaluation batches (``None`` below 3 batches: no SE)."""
+    blocks = resolve_num_blocks(None, units)
+    if blocks is None:
+        return None
+    num_params = sum(q.numel() for q in p.model.parameters() if q.requires_grad)
+    return BlockSums(betas, num_params, units, blocks)
+
+
+def _stderrs(sums: BlockSums | None, columns: int) -> list[float]:
+    """Jackknife SE of each column's variance (NaN without sums)."""
+    if sums is None:
+        return [math.nan] * columns
+    return [jackknife_stderr(loo) for loo in sums.leave_one_out()]
 
 
 def _step_time(p: Problem, design: str, order: int | None, kind: str | None, sampler: Any) -> float:
@@ -211,31 +242,42 @@ def leaderboard_rows(ctx: Context, p: Problem) -> list[dict[str, Any]]:
         units = p.units if (order is None or order == 0) else p.units_high
         g = ctx.generator(p.name, design, order)
         if order is None:
-            ev = _moments(p, design, None, units, g, sampler)
+            sums = _block_sums(p, [None], units)
+            ev = _moments(p, design, None, units, g, sampler, sums)
             var = controlled_variance(ev)
+            (var_se,) = _stderrs(sums, 1)
             if design == "iid":
-                base["var"] = var
+                base["var"], base["se"] = var, var_se
                 base["t"] = _step_time(p, "iid", None, None, sampler)
             t = base["t"] if design == "iid" else _step_time(p, design, None, None, sampler)
-            rows.append(_row(p, design, "none", "-", var, t, base))
+            rows.append(_row(p, design, "none", "-", var, var_se, t, base, design == "iid"))
             continue
         fit = _moments(p, design, order, units, g, sampler)
-        ev = _moments(p, design, order, units, g, sampler)
-        betas = fit_coefficients(fit, ("unit", "scalar", "element", "bin"))
-        for kind, beta in betas.items():
+        betas = fit_coefficients(fit, ("unit", "scalar", "element", "bin"))  # no randomness
+        sums = _block_sums(p, list(betas.values()), units)
+        ev = _moments(p, design, order, units, g, sampler, sums)
+        for (kind, beta), var_se in zip(betas.items(), _stderrs(sums, len(betas))):
             var = controlled_variance(ev, beta)
             t = _step_time(p, design, order, kind, sampler)
-            rows.append(_row(p, design, f"C{order}", kind, var, t, base))
+            rows.append(_row(p, design, f"C{order}", kind, var, var_se, t, base))
     return rows
 
 
 def _row(
-    p: Problem, design: str, control: str, kind: str, var: float, t: float, base: dict
-) -> dict:
+    p: Problem, design: str, control: str, kind: str, var: float, var_se: float, t: float,
+    base: dict, is_base: bool = False,
+) -> dict:  # fmt: skip
+    ratio = var / base["var"] if base["var"] > 0 else math.nan
+    if is_base:  # the baseline against itself: 1 exactly
+        ratio_se = 0.0
+    else:  # independent batches: delta method for a ratio of independent estimates
+        ratio_se = abs(ratio) * math.hypot(var_se / var if var > 0 else math.nan,
+                                           base["se"] / base["var"])  # fmt: skip
     return {
         "problem": p.name, "design": design, "control": control, "beta": kind,
-        "variance": var, "variance_ratio": var / base["var"] if base["var"] > 0 else math.nan,
+        "variance": var, "variance_ratio": ratio,
         "step_time_ratio": t / base["t"], "efficiency": efficiency(base["var"], base["t"], var, t),
+        "variance_se": var_se, "variance_ratio_se": ratio_se,
     }  # fmt: skip
 
 
@@ -273,7 +315,9 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
         rows += leaderboard_rows(ctx, mnist_problem(ctx))
     except VarRedError as exc:
         notes.append(f"MNIST skipped: {exc}")
-    det = [{k: v for k, v in r.items() if k in ("problem", "design", "control", "beta", "variance", "variance_ratio")} for r in rows]  # fmt: skip
+    keep = ("problem", "design", "control", "beta", "variance", "variance_ratio", "variance_se",
+            "variance_ratio_se")  # fmt: skip
+    det = [{k: v for k, v in r.items() if k in keep} for r in rows]
     write_json(ctx.out / "results.json", {"seed": ctx.seed, "rows": det, "notes": notes})
     write_csv(ctx.out / "leaderboard.csv", rows)
     elapsed = time.perf_counter() - t0
@@ -281,13 +325,16 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
     lines = ["# leaderboard: variance, cost and efficiency of every technique", "",
              "Variance ratio = tr Cov of the minibatch gradient / that of plain DSM (i.i.d. σ and ε, "
              "no control), same θ and batch size; β fitted on independent batches. "
-             "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run.", "",
+             "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run. "
+             "± is the standard error of the variance ratio (jackknife over evaluation batches, "
+             "given the fitted β).", "",
              "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["problem"], -r["efficiency"])):
         lines.append(
             f"| {r['problem']} | {r['design']} | {r['control']} | {KIND_NAMES.get(r['beta'], r['beta'])} | "
-            f"{r['variance_ratio']:.3g} | {r['step_time_ratio']:.2f} | {r['efficiency']:.3g} |"
+            f"{plus_minus(r['variance_ratio'], r['variance_ratio_se'])} | "
+            f"{r['step_time_ratio']:.2f} | {r['efficiency']:.3g} |"
         )
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Wall time {elapsed:.1f} s."]
     write_markdown(ctx.out / "summary.md", "\n".join(lines))

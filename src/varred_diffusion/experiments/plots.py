@@ -46,13 +46,23 @@ def ratio_lines(
     logy: bool = True,
     label_fmt: str = "$C^{{{g:d}}}$",
 ) -> None:
-    """One line per value of ``group`` (e.g. Taylor order), ``y`` against ``x``."""
+    """One line per value of ``group`` (e.g. Taylor order), ``y`` against ``x``.
+
+    Rows that carry ``<y>_se`` get ±1 SE error bars (on a log axis the lower bar is cut at
+    90% of the value so that it stays positive).
+    """
     groups = sorted({int(r[group]) for r in rows})
     for g in groups:
         sel = sorted((r for r in rows if int(r[group]) == g), key=lambda r: r[x])
         xs = [r[x] for r in sel]
         ys = [r[y] for r in sel]
-        ax.plot(xs, ys, marker="o", color=_COLORS.get(g, None), label=label_fmt.format(g=g))
+        color = _COLORS.get(g, None)
+        ax.plot(xs, ys, marker="o", color=color, label=label_fmt.format(g=g))
+        se = np.asarray([float(r.get(f"{y}_se", np.nan)) for r in sel], dtype=float)
+        if np.isfinite(se).any():
+            se = np.nan_to_num(se, nan=0.0)
+            lower = np.minimum(se, 0.9 * np.asarray(ys, dtype=float)) if logy else se
+            ax.errorbar(xs, ys, yerr=[lower, se], fmt="none", ecolor=color, capsize=2, lw=1)
     if logx:
         ax.set_xscale("log")
     if logy:

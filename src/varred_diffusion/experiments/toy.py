@@ -21,7 +21,13 @@ import torch
 
 from varred_diffusion.diagnostics import efficiency
 from varred_diffusion.experiments.common import Context, run_job
-from varred_diffusion.experiments.io import save_figure, write_csv, write_json, write_markdown
+from varred_diffusion.experiments.io import (
+    plus_minus,
+    save_figure,
+    write_csv,
+    write_json,
+    write_markdown,
+)
 from varred_diffusion.experiments.plots import band_plot, ratio_lines
 from varred_diffusion.experiments.toysetup import (
     ToyConfig,
@@ -141,6 +147,7 @@ def run_toy(ctx: Context) -> dict[str, Any]:
         {
             "order": r["order"],
             "vr_element": r["vr_element"],
+            "vr_element_se": r["vr_element_se"],
             "step_time_ratio": times[f"C{int(r['order'])}"] / times["plain"],
             "efficiency": efficiency(
                 1.0, times["plain"], r["vr_element"], times[f"C{int(r['order'])}"]
@@ -220,19 +227,23 @@ def _summary(results: dict[str, Any], times: dict, eff: list, t_total: float) ->
               "| method | DSM loss | σ²-weighted score error |", "|---|---|---|"]  # fmt: skip
     for m in ("plain", "cv"):
         lines.append(f"| {m} | {f1[m]['dsm_loss']:.4g} | {f1[m]['score_error']:.4g} |")
-    lines += ["", "## Figure 2: variance ratio (per-element β) against σ", "",
+    lines += ["", "## Figure 2: variance ratio against σ (± jackknife standard error)", "",
               "| when | σ | k | VR unit β=1 | VR scalar | VR per-element | β scalar |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results["fig2_vr_sigma"]:
+        cells = [
+            plus_minus(r[f"vr_{k}"], r.get(f"vr_{k}_se")) for k in ("unit", "scalar", "element")
+        ]
         lines.append(
-            f"| {r['when']} | {r['sigma']:g} | {int(r['order'])} | {r['vr_unit']:.3g} | "
-            f"{r['vr_scalar']:.3g} | {r['vr_element']:.3g} | {r['beta_scalar']:.3g} |"
+            f"| {r['when']} | {r['sigma']:g} | {int(r['order'])} | {' | '.join(cells)} | "
+            f"{r['beta_scalar']:.3g} |"
         )
     lines += ["", "## Cost (this run's wall time; not part of the deterministic results)", "",
               "| k | VR (per-element) | step time / plain | efficiency |", "|---|---|---|---|"]  # fmt: skip
     for e in eff:
         lines.append(
-            f"| {int(e['order'])} | {e['vr_element']:.3g} | {e['step_time_ratio']:.2f} | {e['efficiency']:.3g} |"
+            f"| {int(e['order'])} | {plus_minus(e['vr_element'], e['vr_element_se'])} | "
+            f"{e['step_time_ratio']:.2f} | {e['efficiency']:.3g} |"
         )
     lines += ["", f"plain step: {times['plain'] * 1e3:.2f} ms; total wall time {t_total:.1f} s."]
     return "\n".join(lines)

@@ -183,7 +183,11 @@ def variance_ratios(
     unit_size: int = 1,
     kinds: tuple[str, ...] = ("unit", "scalar", "element"),
 ) -> list[dict[str, float]]:
-    """One row per order: VR per coefficient kind and fitted β at the model's current θ."""
+    """One row per order: VR per coefficient kind, its standard error and fitted β at θ.
+
+    Columns: ``order``, ``var_plain``, ``vr_<kind>``, ``beta_<…>``, then the jackknife
+    standard errors ``vr_<kind>_se`` and ``var_plain_se`` (NaN with < 3 evaluation units).
+    """
     mixture = make_mixture(cfg.dataset)
     bins = make_bins(cfg) if sigma is None else None
     use = kinds + (("bin",) if bins is not None else ())
@@ -197,5 +201,7 @@ def variance_ratios(
         row: dict[str, float] = {"order": float(k), "var_plain": vr.variance_plain}
         row.update({f"vr_{kk}": v for kk, v in vr.ratio.items()})
         row.update({f"beta_{kk}": v for kk, v in vr.beta_summary.items()})
+        row.update({f"vr_{kk}_se": v for kk, v in vr.ratio_stderr.items()})
+        row["var_plain_se"] = vr.variance_plain_stderr
         rows.append(row)
     return rows

@@ -1,0 +1,164 @@
+r"""Delete-one-block jackknife standard errors of streamed gradient variances and their ratios.
+
+For fixed coefficients β (fitted beforehand on other draws), each evaluation unit ``u``
+gives a controlled gradient :math:`d_u = g_u - \sum_b \beta_b \odot h_{u,b}` (``β = None``:
+the plain :math:`d_u = g_u`). Units are split into ``J`` contiguous blocks; per block and
+column we keep :math:`\sum_u d_u` ``[P]`` and :math:`\sum_u \lVert d_u\rVert^2` (a scalar), so
+
+.. math::  \operatorname{tr}\operatorname{Cov}(d) =
+           \frac{\sum_u \lVert d_u\rVert^2 - \lVert \sum_u d_u\rVert^2 / n}{n - 1}
+
+is available on all units and with any one block deleted (total minus block). The
+jackknife standard error of a statistic :math:`T` of these variances is
+:math:`\sqrt{\tfrac{J-1}{J} \sum_j (T_{-j} - \bar T)^2}` (Efron & Stein, 1981;
+Künsch, 1989 for blocks; Shao & Tu, 1995). Memory is ``columns × (J + 1 + nb) × P``
+float64; per-unit gradients are never stored.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from varred.errors import VarRedError
+
+__all__ = ["BlockSums", "jackknife_stderr", "resolve_num_blocks"]
+
+Tensor = torch.Tensor
+DEFAULT_BLOCKS = 16
+
+
+def resolve_num_blocks(num_blocks: object, num_units: int, name: str = "num_blocks") -> int | None:
+    """Number of jackknife blocks ``J`` for ``num_units`` units.
+
+    ``None`` gives ``min(16, num_units)``, or ``None`` (no standard error) when
+    ``num_units < 3``: with fewer units a deleted block leaves < 2 units and no variance.
+
+    Raises:
+        VarRedError: an explicit ``num_blocks`` that is not an integer in
+            ``[2, num_units]`` leaving ≥ 2 units when its largest block is deleted.
+    """
+    n = int(num_units)
+    if num_blocks is None:
+        return min(DEFAULT_BLOCKS, n) if n >= 3 else None
+    ok = isinstance(num_blocks, numbers.Integral) and not isinstance(num_blocks, bool)
+    if ok:
+        j = int(num_blocks)  # type: ignore[call-overload]
+        ok = 2 <= j <= n and n - math.ceil(n / j) >= 2
+    if not ok:
+        raise VarRedError(
+            f"{name}: expected an integer J with 2 ≤ J ≤ {n} (the number of evaluation units) "
+            f"such that deleting the largest block (⌈{n}/J⌉ units) leaves at least 2 units, "
+            f"got {num_blocks!r}"
+        )
+    return j
+
+
+def jackknife_stderr(leave_out: Tensor) -> float:
+    r"""``sqrt((J − 1)/J · Σ_j (T_{−j} − T̄)²)`` from the ``[J]`` delete-one-block values.
+
+    NaN if any value is NaN (e.g. a zero plain variance in a ratio's denominator).
+    """
+    t = leave_out.double()
+    j = t.shape[0]
+    return math.sqrt((j - 1) / j * float(((t - t.mean()) ** 2).sum()))
+
+
+class BlockSums:
+    """Per-block sums of controlled unit gradients for fixed coefficients (one column each).
+
+    Unit ``u`` (counted from 0 over all :meth:`update` calls) goes to block
+    ``⌊u·J / num_units⌋``: contiguous blocks whose sizes differ by at most one. Each
+    column's values are shifted by its first unit's value ``c`` (variance-invariant), so
+    the one-pass formula does not cancel catastrophically when the mean dominates.
+
+    Args:
+        betas: one entry per column: ``[nb, P]`` coefficients or ``None`` (plain ``g``).
+        num_params: ``P``.
+        num_units: ``n``, the number of units that will be added.
+        num_blocks: ``J`` (see :func:`resolve_num_blocks`; ``None``: ``min(16, n)``).
+
+    Raises:
+        VarRedError: invalid ``num_blocks``, or ``num_units < 3`` (no jackknife possible).
+
+    >>> sums = BlockSums([None, torch.ones(1, 3)], 3, num_units=8, num_blocks=4)
+    >>> sums.update(torch.randn(8, 3), torch.randn(8, 1, 3))
+    >>> sums.leave_one_out().shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        betas: Sequence[Tensor | None],
+        num_params: int,
+        num_units: int,
+        num_blocks: int | None = None,
+    ) -> None:
+        self.num_units = int(num_units)
+        j = resolve_num_blocks(num_blocks, self.num_units)
+        if j is None:
+            raise VarRedError(
+                f"num_units: expected at least 3 units for a block jackknife, got {num_units}"
+            )
+        self.num_blocks = j
+        c, p = len(betas), int(num_params)
+        nb = max([b.shape[0] for b in betas if b is not None], default=1)
+        self._beta = torch.zeros(c, nb, p, dtype=torch.float64)  # plain columns: β = 0
+        for col, b in enumerate(betas):
+            if b is not None:
+                self._beta[col] = b.detach().double().cpu()
+        self.n = 0
+        self.counts = torch.zeros(j, dtype=torch.float64)
+        self.shift = torch.zeros(c, p, dtype=torch.float64)
+        self.s = torch.zeros(c, j, p, dtype=torch.float64)  # Σ (d_u − c) per block
+        self.q = torch.zeros(c, j, dtype=torch.float64)  # Σ ‖d_u − c‖² per block
+
+    def update(self, g: Tensor, h: Tensor | None = None) -> None:
+        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control); kept on the CPU."""
+        g = g.detach().double().cpu()
+        u = g.shape[0]
+        if self.n + u > self.num_units:
+            raise VarRedError(
+                f"g: expected at most {self.num_units - self.n} more units "
+                f"(num_units = {self.num_units}), got {u}"
+            )
+        block = torch.arange(self.n, self.n + u) * self.num_blocks // self.num_units  # [U]
+        if h is None:  # no control: every column is the plain g
+            d = g[None].expand(self._beta.shape[0], u, g.shape[1])
+        else:
+            # [C, nb, P] × [U, nb, P] -> [C, U, P]: d = g − Σ_b β_b ⊙ h_b (β = 0: plain)
+            d = g[None] - (self._beta[:, None] * h.detach().double().cpu()[None]).sum(2)
+        if self.n == 0:
+            self.shift = d[:, 0].clone()
+        dc = d - self.shift[:, None]  # [C, U, P]
+        self.s.index_add_(1, block, dc)
+        self.q.index_add_(1, block, (dc * dc).sum(2))
+        self.counts.index_add_(0, block, torch.ones(u, dtype=torch.float64))
+        self.n += u
+
+    def _check(self) -> None:
+        if self.n != self.num_units:
+            raise VarRedError(
+                f"num_units: expected {self.num_units} units to have been added, got {self.n}"
+            )
+
+    def variances(self) -> Tensor:
+        """``tr Cov(d)`` of each column over all units: ``[columns]``."""
+        self._check()
+        n = float(self.n)
+        tot = self.s.sum(1)  # [C, P]
+        return (self.q.sum(1) - (tot * tot).sum(1) / n) / (n - 1)
+
+    def leave_one_out(self) -> Tensor:
+        """``tr Cov(d)`` of each column with block ``j`` deleted: ``[columns, J]``."""
+        self._check()
+        n = self.n - self.counts  # [J]
+        out = torch.empty_like(self.q)
+        for col in range(self.q.shape[0]):
+            rest = self.s[col].sum(0) - self.s[col]  # [J, P]
+            ss = (rest * rest).sum(1)  # [J]
+            out[col] = (self.q[col].sum() - self.q[col] - ss / n) / (n - 1)
+        return out
