@@ -117,8 +117,9 @@ class ImportanceSigmaSampler:
     ``p`` is uniform until every bin holds ``history`` losses.
 
     Under DDP (``process_group`` given, or the default group if initialised and
-    ``process_group="default"``) ``update`` all-gathers ``(σ, ℓ)`` of every rank (2·B·world
-    floats per step; per-rank batches must be equal), so all ranks hold the same state.
+    ``process_group="default"``) ``update`` all-gathers ``(σ, ℓ)`` of every rank (the row counts,
+    then 2·max B·world floats per step; per-rank batches may differ in size), so all ranks
+    hold the same state.
     Use a different generator per rank in ``sample``.
     """
 
@@ -186,14 +187,25 @@ class ImportanceSigmaSampler:
         return sigma.to(dtype=dtype, device=device), w.to(dtype=dtype, device=device)
 
     def _gather(self, t: Tensor) -> Tensor:
+        """All ranks' rows of ``t`` ``[n_r, c]``, rank 0's first; ``n_r`` may differ by rank.
+
+        Two collectives: the row counts, then the rows padded to the largest count.
+        """
         import torch.distributed as dist
 
         pg = None if self.process_group == "default" else self.process_group
         world = dist.get_world_size(pg)
-        out = torch.empty(world * t.numel(), dtype=t.dtype, device=t.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(out, t.contiguous(), group=pg)
-        return out
+        n = torch.full((1,), t.shape[0], dtype=torch.long, device=t.device)
+        counts = torch.empty(world, dtype=torch.long, device=t.device)
+        gather(counts, n, group=pg)
+        sizes = counts.tolist()  # update() syncs anyway (its history lives on the host)
+        m = max(sizes)
+        pad = t.new_zeros((m, *t.shape[1:]))
+        pad[: t.shape[0]] = t
+        out = torch.empty((world * m, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        gather(out, pad, group=pg)
+        return torch.cat([out[r * m : r * m + k] for r, k in enumerate(sizes)])
 
     def update(self, sigma: Tensor, losses: Tensor) -> None:
         """Record per-sample ``losses`` ``[B]`` at ``sigma`` ``[B]`` (detached; all ranks' under DDP)."""
@@ -203,8 +215,8 @@ class ImportanceSigmaSampler:
             )
         s = sigma.detach().to(torch.float64)
         ell = losses.detach().to(torch.float64)
-        if self.process_group is not None:
-            s, ell = self._gather(s), self._gather(ell)
+        if self.process_group is not None:  # every rank's samples, any per-rank batch size
+            s, ell = self._gather(torch.stack([s, ell], 1)).unbind(1)
         s, ell = s.cpu(), ell.cpu()
         if not bool(torch.isfinite(ell).all() & torch.isfinite(s).all()):
             bad = int((~torch.isfinite(ell)).sum() + (~torch.isfinite(s)).sum())

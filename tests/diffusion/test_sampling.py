@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from varred.errors import VarRedError
+from varred.testing import run_distributed
 from varred_diffusion.sampling import (
     ImportanceSigmaSampler,
     antithetic_noise,
@@ -192,41 +193,35 @@ def test_importance_process_group_single_rank(tmp_path: object) -> None:
         dist.destroy_process_group()
 
 
-_DDP_SCRIPT = """
-import sys, torch, torch.distributed as dist
-from varred_diffusion.sampling import ImportanceSigmaSampler
-rank, store = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-smp = ImportanceSigmaSampler(3, 0.1, 10.0, history=2, process_group="default")
-g = torch.Generator().manual_seed(100 + rank)  # a different local batch per rank
-for _ in range(4):
-    s = torch.exp(torch.rand(5, generator=g, dtype=torch.float64) * 4.6 - 2.3)
-    smp.update(s, torch.log(s) ** 2 + rank)
-print(" ".join(repr(v) for v in smp.probabilities().tolist()))
-dist.destroy_process_group()
-"""
+_RANK_BATCH = (5, 3)  # unequal per-rank batch sizes (e.g. the last batch of an epoch)
 
 
-@pytest.mark.slow
+def _sampler_worker(rank: int, world_size: int, outdir: str) -> None:
+    smp = ImportanceSigmaSampler(3, 0.1, 10.0, history=2, process_group="default")
+    g = torch.Generator().manual_seed(100 + rank)  # a different local batch per rank
+    for _ in range(4):
+        s = torch.exp(torch.rand(_RANK_BATCH[rank], generator=g, dtype=torch.float64) * 4.6 - 2.3)
+        smp.update(s, torch.log(s) ** 2 + rank)
+    torch.save(smp.state_dict(), f"{outdir}/sampler.{rank}.pt")
+
+
 @pytest.mark.distributed
+@pytest.mark.timeout(90)
 def test_importance_two_ranks_share_the_distribution(tmp_path: object) -> None:
-    import subprocess
-    import sys
-
-    store = f"{tmp_path}/store"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _DDP_SCRIPT, str(r), store], stdout=subprocess.PIPE, text=True
-        )
-        for r in range(2)
-    ]
-    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
-    assert all(p.returncode == 0 for p in procs)
-    assert outs[0] == outs[1]
-    # and equal to one process that saw both ranks' batches, rank 0's first
+    """Two gloo ranks with batches of 5 and 3 hold the state of one process that saw both."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    run_distributed(_sampler_worker, 2, str(tmp_path), timeout=60)
+    got = [torch.load(f"{tmp_path}/sampler.{r}.pt", weights_only=True) for r in range(2)]
     ref = ImportanceSigmaSampler(3, 0.1, 10.0, history=2)
     gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
-    for _ in range(4):
-        s = [torch.exp(torch.rand(5, generator=g, dtype=torch.float64) * 4.6 - 2.3) for g in gens]
+    for _ in range(4):  # rank 0's samples first
+        s = [
+            torch.exp(torch.rand(_RANK_BATCH[r], generator=g, dtype=torch.float64) * 4.6 - 2.3)
+            for r, g in enumerate(gens)
+        ]
         ref.update(torch.cat(s), torch.cat([torch.log(s[r]) ** 2 + r for r in range(2)]))
-    assert outs[0] == " ".join(repr(v) for v in ref.probabilities().tolist())
+    for state in got:
+        assert torch.equal(state["buffer"], ref.state_dict()["buffer"])
+        assert torch.equal(state["counts"], ref.state_dict()["counts"])
+    assert not torch.equal(ref.probabilities(), torch.full((3,), 1 / 3, dtype=torch.float64))
