@@ -2,7 +2,8 @@
 
 Trains a small MLP score model on the 8-Gaussian ring with ``ControlledDSM`` (C^0,
 σ log-uniform in [1e-3, 10], Adam) for each granularity (scalar / per-tensor /
-per-element) with and without 8 log-σ bins, and prints ``GradientControl``'s running
+per-element, and per-element shrunk toward per-tensor β with ``shrinkage`` κ) with and
+without 8 log-σ bins, and prints ``GradientControl``'s running
 estimate of tr Var(applied gradient) / tr Var(plain gradient) at a few steps.
 Same seeds for every row, so the rows differ only in the coefficient layout.
 
@@ -18,7 +19,9 @@ import torch
 import varred_diffusion as vd
 
 
-def run(granularity: str, bins: bool, steps: int, report: tuple[int, ...]) -> list[float]:
+def run(
+    granularity: str, bins: bool, steps: int, report: tuple[int, ...], shrinkage: float = 0.0
+) -> list[float]:
     g = torch.Generator().manual_seed(0)
     data = vd.ring8()
     model = vd.MLPScore(2, width=64, depth=2, generator=torch.Generator().manual_seed(1))
@@ -26,6 +29,7 @@ def run(granularity: str, bins: bool, steps: int, report: tuple[int, ...]) -> li
     step = vd.ControlledDSM(
         model, model.parameters(), order=0, granularity=granularity,
         bins=vd.SigmaBins(1e-3, 10.0, 8) if bins else None,
+        control_kwargs={"shrinkage": shrinkage},
     )  # fmt: skip
     out = []
     for i in range(steps):
@@ -43,16 +47,23 @@ def run(granularity: str, bins: bool, steps: int, report: tuple[int, ...]) -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument(
+        "--shrinkage", default="10,100", help="κ values for extra per-element rows (comma list)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     report = tuple(s for s in (20, 50, 100, 200, 300, 500, 1000) if s <= args.steps)
     print("| granularity | σ bins | " + " | ".join(f"VR @ {s}" for s in report) + " |")
     print("|---|---|" + "---|" * len(report))
-    for granularity in ("scalar", "tensor", "element"):
-        for bins in (False, True):
-            vr = run(granularity, bins, args.steps, report)
-            cells = " | ".join(f"{v:.3g}" for v in vr)
-            print(f"| {granularity} | {'8' if bins else '-'} | {cells} |")
+    rows = [(g, b, 0.0) for g in ("scalar", "tensor", "element") for b in (False, True)]
+    rows += [
+        ("element", b, float(k)) for k in args.shrinkage.split(",") if k for b in (False, True)
+    ]
+    for granularity, bins, kappa in rows:
+        vr = run(granularity, bins, args.steps, report, kappa)
+        cells = " | ".join(f"{v:.3g}" for v in vr)
+        name = granularity + (f", shrinkage κ={kappa:g}" if kappa else "")
+        print(f"| {name} | {'8' if bins else '-'} | {cells} |")
 
 
 if __name__ == "__main__":

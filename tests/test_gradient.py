@@ -434,6 +434,8 @@ def _p():
         ({"nonfinite": "skip"}, "nonfinite: .*got 'skip'"),
         ({"process_group": "world"}, "process_group: .*got 'world'"),
         ({"group_backward": "vmap"}, "group_backward: .*got 'vmap'"),
+        ({"shrinkage": -1.0}, "shrinkage: expected a finite float >= 0, got -1.0"),
+        ({"shrinkage": float("nan")}, "shrinkage: .*got nan"),
     ],
 )
 def test_option_errors(kwargs, match):
@@ -794,3 +796,43 @@ def test_grad_scaler_error(generator):
         VarRedError, match=r"scaler: expected a torch\.amp\.GradScaler .* got float"
     ):
         ctrl.backward(net(x).squeeze(1), net(x).squeeze(1) * x[:, 0], scaler=2.0)
+
+
+@pytest.mark.parametrize("coefficient", ["running", "per_sample"])
+def test_shrinkage_between_element_and_tensor_beta(coefficient, generator):
+    """Shrunk per-element β is, entry by entry, a convex combination of the per-element and
+    the per-tensor β of the same statistics; κ → ∞ gives the per-tensor β, κ = 0 the
+    per-element one bit for bit."""
+    prob = Linear(generator)
+    kw = {"coefficient": coefficient, "decay": 1.0, "warmup_steps": 1}
+    fitted = GradientControl([prob.theta], **kw)
+    for _ in range(6):
+        losses, controls, _, _ = prob.batch(5)
+        fitted.backward(losses, controls)
+    ctrls = {k: GradientControl([prob.theta], shrinkage=k, **kw) for k in (0.0, 3.0, 1e12)}
+    tensor = GradientControl([prob.theta], granularity="tensor", **kw)
+    for c in (*ctrls.values(), tensor):  # the same statistics, read with each layout
+        c.load_state_dict(fitted.state_dict())
+    plain = fitted
+    b0 = ctrls[0.0].coefficients()[0][0]
+    bt = tensor.coefficients()[0][0].expand_as(b0)
+    bs = ctrls[3.0].coefficients()[0][0]
+    assert torch.equal(b0, plain.coefficients()[0][0])
+    lo, hi = torch.minimum(b0, bt), torch.maximum(b0, bt)
+    tol = 1e-12 * (1 + hi.abs())
+    assert bool(((bs >= lo - tol) & (bs <= hi + tol)).all())
+    assert bool(((bs - b0).abs() > 1e-9).any())  # and it really moved toward β_tensor
+    torch.testing.assert_close(ctrls[1e12].coefficients()[0][0], bt, rtol=1e-6, atol=1e-9)
+
+
+def test_shrinkage_keeps_gradient_unbiased(generator):
+    """β still comes from earlier steps only: the controlled gradient stays unbiased."""
+    prob, steps = Linear(generator), 800
+    ctrl = GradientControl([prob.theta], shrinkage=5.0, warmup_steps=2)
+    out = []
+    for _ in range(steps):
+        losses, controls, _, _ = prob.batch(4)
+        ctrl.backward(losses, controls)
+        out.append(prob.theta.grad.clone())
+    g = torch.stack(out)
+    assert ((g.mean(0) - prob.mu).abs() < 5 * g.std(0) / math.sqrt(steps)).all()

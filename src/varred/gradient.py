@@ -78,6 +78,12 @@ class GradientControl:
             each; for graphs with ops that have no vmap batching rule, e.g. ``torch.func.jvp``)
             or ``"auto"`` (default: try batched, fall back to the loop on ``RuntimeError`` and
             remember the choice for later steps).
+        shrinkage: per-element β only: κ ≥ 0 pseudo-observations of the per-tensor β,
+            ``β_e = (Cov_e + a β_tensor) / (Var_e + a)`` with ``a = κ · mean Var / weight``
+            (``weight`` ≈ steps seen, or samples in per-sample mode), so β starts near the
+            per-tensor value and becomes per-element as statistics accumulate. 0 (default):
+            plain per-element ratios. For many groups (σ bins) × P entries fitted from a
+            few steps (benchmarks/coefficient_granularity.py).
 
     Raises:
         VarRedError: invalid options or ``params``.
@@ -107,12 +113,13 @@ class GradientControl:
         raise_on_nonfinite: bool = False,
         validate: bool = True,
         group_backward: str = "auto",
+        shrinkage: float = 0.0,
     ) -> None:
         if warmup_steps is None:
             warmup_steps = 1 if coefficient == "per_sample" else 10
         self.config = GradientControlConfig(
             granularity, coefficient, decay, num_groups, warmup_steps, per_sample_fit,
-            folds, nonfinite, raise_on_nonfinite, validate, group_backward,
+            folds, nonfinite, raise_on_nonfinite, validate, group_backward, shrinkage,
         )  # fmt: skip
         if isinstance(process_group, str) and process_group != "default":
             raise VarRedError(
@@ -224,17 +231,30 @@ class GradientControl:
         self._track = {k: state_dict[k].to(v).clone() for k, v in self._track.items()}
 
     # ---------------------------------------------------------------- coefficients
-    def _pool(self, num: Tensor, den: Tensor) -> Tensor:
-        """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``."""
+    def _pool(self, num: Tensor, den: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``.
+
+        Per element with ``shrinkage`` κ > 0 and the statistics' ``weight`` ``[L]`` (or
+        ``[1]``): ``β_e = (num_e + a β_t) / (den_e + a)`` with ``a = κ · mean_t(den) / weight``,
+        i.e. κ pseudo-observations of the per-tensor β_t of e's tensor t, fading as
+        ``weight`` grows (a normal prior centred on β_t, scaled to the tensor's variance).
+        """
         gran = self.config.granularity
-        if gran == "element":
+        kappa = float(self.config.shrinkage)
+        if gran == "element" and (kappa == 0.0 or weight is None):
             return safe_div(num, den)
         if gran == "scalar":
             return safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
         lengths = self._lengths.expand(num.shape[0], -1)  # deterministic segmented sums
         sn = torch.segment_reduce(num, "sum", lengths=lengths, axis=1)  # [L, npar]
         sd = torch.segment_reduce(den, "sum", lengths=lengths, axis=1)
-        return safe_div(sn, sd)
+        beta_t = safe_div(sn, sd)
+        if gran == "tensor":
+            return beta_t
+        assert weight is not None
+        prior = kappa * (sd / self._lengths) / weight.clamp(min=1.0).reshape(-1, 1)  # [L, npar]
+        a, b = self._expand(prior), self._expand(beta_t)  # [L, P]
+        return safe_div(num + a * b, den + a)
 
     def _expand(self, beta: Tensor) -> Tensor:
         """Compact β ``[L, P | npar | 1]`` → broadcastable against ``[L, P]``."""
@@ -249,7 +269,7 @@ class GradientControl:
             return torch.full(
                 (cfg.num_groups, 1), float(cfg.coefficient), dtype=self._dtype, device=self._device
             )
-        beta = self._pool(self._stats["cov_cl"], self._stats["cov_cc"])
+        beta = self._pool(self._stats["cov_cl"], self._stats["cov_cc"], self._weight)
         ready = self._num_updates >= cfg.warmup_steps
         return torch.where(ready, beta, 0.0)
 
@@ -596,7 +616,7 @@ class GradientControl:
 
             cl = m2(other(s2cl), other(s1c), other(s1l), n_o)
             cc = m2(other(s2cc), other(s1c), other(s1c), n_o)
-            beta, g_c = self._pool(cl, cc), sc / total
+            beta, g_c = self._pool(cl, cc, n_o), sc / total
         finite = (bad == 0) & all_finite(sc) & all_finite(sl)
         return g_l, g_c, beta, finite, (batch, n_g)
 

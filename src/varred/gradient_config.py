@@ -31,6 +31,7 @@ class GradientControlConfig:
     raise_on_nonfinite: bool = False
     validate: bool = True
     group_backward: str = "auto"
+    shrinkage: float = 0.0
 
     def __post_init__(self) -> None:
         if self.granularity not in ("element", "tensor", "scalar"):
@@ -65,6 +66,9 @@ class GradientControlConfig:
             raise VarRedError(
                 f"group_backward: expected 'auto', 'batched' or 'loop', got {self.group_backward!r}"
             )
+        k = self.shrinkage
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k < 0:
+            raise VarRedError(f"shrinkage: expected a finite float >= 0, got {k!r}")
 
 
 def check_params(params: Any) -> list[Tensor]:
