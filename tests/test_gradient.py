@@ -243,10 +243,17 @@ def test_per_sample_crossfit_matches_manual(generator):
     torch.testing.assert_close(prob.theta.grad, expected)
 
 
-@pytest.mark.parametrize("fit", ["running", "crossfit"])
-def test_per_sample_unbiased(fit, generator):
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"coefficient": "per_sample", "per_sample_fit": "running"},
+        {"coefficient": "per_sample", "per_sample_fit": "crossfit"},
+        {"shrinkage": 5.0, "warmup_steps": 2},  # β from earlier steps only, shrunk or not
+    ],
+)
+def test_fitted_beta_unbiased(kwargs, generator):
     prob, steps = Linear(generator), 600
-    ctrl = GradientControl([prob.theta], coefficient="per_sample", per_sample_fit=fit)
+    ctrl = GradientControl([prob.theta], **kwargs)
     out = []
     for _ in range(steps):
         losses, controls, _, _ = prob.batch(6)
@@ -823,16 +830,3 @@ def test_shrinkage_between_element_and_tensor_beta(coefficient, generator):
     assert bool(((bs >= lo - tol) & (bs <= hi + tol)).all())
     assert bool(((bs - b0).abs() > 1e-9).any())  # and it really moved toward β_tensor
     torch.testing.assert_close(ctrls[1e12].coefficients()[0][0], bt, rtol=1e-6, atol=1e-9)
-
-
-def test_shrinkage_keeps_gradient_unbiased(generator):
-    """β still comes from earlier steps only: the controlled gradient stays unbiased."""
-    prob, steps = Linear(generator), 800
-    ctrl = GradientControl([prob.theta], shrinkage=5.0, warmup_steps=2)
-    out = []
-    for _ in range(steps):
-        losses, controls, _, _ = prob.batch(4)
-        ctrl.backward(losses, controls)
-        out.append(prob.theta.grad.clone())
-    g = torch.stack(out)
-    assert ((g.mean(0) - prob.mu).abs() < 5 * g.std(0) / math.sqrt(steps)).all()
