@@ -33,6 +33,16 @@ import torch
 from torch import nn
 
 from varred.errors import VarRedError
+from varred_diffusion.gradient_moments import (
+    COEFFICIENT_KINDS,
+    GradientMoments,
+    ValueFn,
+    controlled_variance,
+    fit_coefficients,
+    per_sample_gradients,
+    unit_gradients,
+    weighted_gradients,
+)
 from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
 
 __all__ = [
@@ -50,196 +60,8 @@ __all__ = [
     "weighted_gradients",
 ]
 
-COEFFICIENT_KINDS = ("unit", "scalar", "element", "bin")
 Tensor = torch.Tensor
 DrawFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor, Tensor]]
-ValueFn = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor, Tensor], Tensor]
-
-
-def weighted_gradients(
-    values: Tensor, params: Sequence[Tensor], weights: Tensor, *, retain_graph: bool = True
-) -> Tensor:
-    """Gradients of ``Σ_i weights[k, i] · values[i]`` for every row ``k``.
-
-    One batched backward (``torch.autograd.grad(..., is_grads_batched=True)``); falls back
-    to a loop of backwards if an operation has no batching rule.
-
-    Args:
-        values: ``[B]`` differentiable per-sample values.
-        params: the parameters to differentiate (``P`` elements in total).
-        weights: ``[K, B]``; ``torch.eye(B)`` gives per-sample gradients.
-
-    Returns:
-        ``[K, P]`` flattened gradients (float64); parameters outside the graph give zeros.
-    """
-    params = list(params)
-    w = weights.to(values.dtype)
-    try:
-        grads = torch.autograd.grad(
-            values, params, grad_outputs=w, is_grads_batched=True,
-            retain_graph=retain_graph, allow_unused=True,
-        )  # fmt: skip
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(
-                values, params, grad_outputs=w[k], retain_graph=True, allow_unused=True
-            )
-            for k in range(w.shape[0])
-        ]
-        grads = tuple(
-            torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
-            for j, p in enumerate(params)
-        )
-    k = w.shape[0]
-    flat = [
-        (
-            g if g is not None else torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
-        ).reshape(k, -1)
-        for g, p in zip(grads, params)
-    ]
-    return torch.cat(flat, dim=1).double()  # [K, P]
-
-
-def per_sample_gradients(
-    model: nn.Module,
-    value_fn: ValueFn,
-    x: Tensor,
-    sigma: Tensor,
-    noise: Tensor,
-    *,
-    method: str = "auto",
-) -> Tensor:
-    """Per-sample gradients ``∇_θ value_fn(model, x_i, σ_i, ε_i)`` as ``[B, P]`` (float64).
-
-    ``method="vmap"``: ``torch.func.functional_call`` + ``vmap(grad(...))`` over samples
-    (each sample evaluated as a batch of one); ``"batched"``: one forward on the whole batch
-    and a batched backward (:func:`weighted_gradients` with the identity); ``"auto"`` tries
-    vmap and falls back to batched (e.g. when ``value_fn`` validates its inputs with
-    data-dependent Python control flow, which vmap cannot trace).
-
-    Args:
-        model: score model, ``model(x [B, ...], sigma [B]) -> [B, ...]``.
-        value_fn: ``(score_fn, x, sigma, noise) -> [B]`` per-sample values, e.g.
-            ``varred_diffusion.dsm_loss``.
-        x, noise: ``[B, ...]``; sigma: ``[B]``.
-        method: "auto", "vmap" or "batched".
-
-    Returns:
-        ``[B, P]`` gradients, parameters flattened in ``model.named_parameters()`` order.
-    """
-    if method not in ("auto", "vmap", "batched"):
-        raise VarRedError(f"method: expected 'auto', 'vmap' or 'batched', got {method!r}")
-    named = {k: v for k, v in model.named_parameters() if v.requires_grad}
-    if method in ("auto", "vmap"):
-        from torch.func import functional_call, grad, vmap
-
-        def one(params: dict[str, Tensor], xi: Tensor, si: Tensor, ei: Tensor) -> Tensor:
-            def score_fn(xx: Tensor, ss: Tensor) -> Tensor:
-                return functional_call(model, params, (xx, ss))
-
-            return value_fn(score_fn, xi[None], si[None], ei[None]).sum()
-
-        detached = {k: v.detach() for k, v in named.items()}
-        try:
-            g = vmap(grad(one), in_dims=(None, 0, 0, 0))(detached, x, sigma, noise)
-            return torch.cat([g[k].reshape(x.shape[0], -1) for k in named], dim=1).double()
-        except Exception:
-            if method == "vmap":
-                raise
-    values = value_fn(lambda xx, ss: model(xx, ss), x, sigma, noise)
-    eye = torch.eye(x.shape[0], dtype=values.dtype, device=values.device)
-    return weighted_gradients(values, list(named.values()), eye, retain_graph=False)
-
-
-class GradientMoments:
-    """Streaming sums of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
-
-    Holds ``n``, ``Σg``, ``Σh_b``, ``Σg²``, ``Σg h_b`` and ``Σh_b h_b'`` per element, in
-    float64: enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with any β.
-    """
-
-    def __init__(self, num_params: int, num_bins: int = 1) -> None:
-        self.num_bins = int(num_bins)
-        p, nb = int(num_params), self.num_bins
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n = 0
-        self.sg, self.sgg = z(p), z(p)
-        self.sh, self.sgh = z(nb, p), z(nb, p)
-        self.shh = z(nb, nb, p)
-
-    def update(self, g: Tensor, h: Tensor | None = None) -> None:
-        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (or ``None``: no control); kept on the CPU."""
-        g = g.detach().double().cpu()
-        self.n += g.shape[0]
-        self.sg += g.sum(0)
-        self.sgg += (g * g).sum(0)
-        if h is not None:
-            h = h.detach().double().cpu()
-            self.sh += h.sum(0)
-            self.sgh += torch.einsum("up,ubp->bp", g, h)
-            self.shh += torch.einsum("ubp,ucp->bcp", h, h)
-
-    def covariances(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Unbiased ``Var g [P]``, ``Cov(g, h_b) [nb, P]``, ``Cov(h_b, h_c) [nb, nb, P]``."""
-        if self.n < 2:
-            raise VarRedError(f"moments: need at least 2 units, got {self.n}")
-        n = self.n
-        mg, mh = self.sg / n, self.sh / n
-        c = n / (n - 1)
-        vg = (self.sgg / n - mg * mg) * c
-        cgh = (self.sgh / n - mh * mg) * c
-        chh = (self.shh / n - mh[:, None] * mh[None, :]) * c
-        return vg, cgh, chh
-
-
-def fit_coefficients(
-    moments: GradientMoments, kinds: Sequence[str] = COEFFICIENT_KINDS, *, ridge: float = 1e-12
-) -> dict[str, Tensor]:
-    """Variance-minimising β of each kind, as ``[nb, P]`` tensors (no gradient).
-
-    ``unit``: 1; ``scalar``: ``Σ_p Cov(g, h) / Σ_p Var(h)`` with ``h = Σ_b h_b``;
-    ``element``: the same per element; ``bin``: per element, ``β = Σ_hh^{-1} Cov(h, g)``
-    over bins (``ridge`` × trace added to the diagonal; empty bins get β = 0).
-    """
-    _, cgh, chh = moments.covariances()
-    nb, p = cgh.shape
-    cov_tot = cgh.sum(0)  # Cov(g, Σ_b h_b): [P]
-    var_tot = chh.sum((0, 1))  # Var(Σ_b h_b): [P]
-    out: dict[str, Tensor] = {}
-    for kind in kinds:
-        if kind == "unit":
-            beta = torch.ones(nb, p, dtype=torch.float64)
-        elif kind == "scalar":
-            den = var_tot.sum()
-            b = cov_tot.sum() / den if den > 0 else torch.zeros((), dtype=torch.float64)
-            beta = b.expand(nb, p).clone()
-        elif kind == "element":
-            b = torch.where(
-                var_tot > 0, cov_tot / var_tot.clamp_min(1e-300), torch.zeros_like(var_tot)
-            )
-            beta = b.expand(nb, p).clone()
-        elif kind == "bin":
-            a = chh.permute(2, 0, 1)  # [P, nb, nb]
-            diag = torch.diagonal(a, dim1=1, dim2=2)
-            scale = diag.sum(-1, keepdim=True).clamp_min(1e-300)
-            empty = diag <= 0
-            a = a + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge * scale))
-            beta = torch.linalg.solve(a, cgh.T.unsqueeze(-1)).squeeze(-1).T  # [nb, P]
-            beta = torch.where(empty.T, torch.zeros_like(beta), beta)
-        else:
-            raise VarRedError(f"kinds: expected entries of {COEFFICIENT_KINDS}, got {kind!r}")
-        out[kind] = beta
-    return out
-
-
-def controlled_variance(moments: GradientMoments, beta: Tensor | None = None) -> float:
-    """``tr Cov[g − Σ_b β_b ⊙ h_b]`` over the units in ``moments`` (``β = None``: plain)."""
-    vg, cgh, chh = moments.covariances()
-    if beta is None:
-        return float(vg.sum())
-    beta = beta.double()
-    var = vg - 2 * (beta * cgh).sum(0) + torch.einsum("bp,bcp,cp->p", beta, chh, beta)
-    return float(var.sum())
 
 
 @dataclass(frozen=True)
@@ -271,52 +93,6 @@ class VarianceRatio:
     variance_stderr: dict[str, float] = field(default_factory=dict)
     variance_plain_stderr: float = math.nan
     num_blocks: int = 0
-
-
-def _flat_grad(value: Tensor, params: Sequence[Tensor], retain: bool) -> Tensor:
-    grads = torch.autograd.grad(value, list(params), retain_graph=retain, allow_unused=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    ).double()
-
-
-def unit_gradients(
-    losses: Tensor,
-    controls: Tensor | None,
-    params: Sequence[Tensor],
-    bin_index: Tensor | None = None,
-    num_bins: int = 1,
-    weights: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Gradients of one unit's estimates: ``g = ∇ Σ w_i ℓ_i`` and ``h_b = ∇ Σ_{i∈b} w_i c_i``.
-
-    Args:
-        losses, controls: ``[m]`` per-sample values of the unit (differentiable);
-            ``controls=None`` gives ``h = 0``.
-        params: parameters (``P`` elements).
-        bin_index: ``LongTensor[m]`` σ bin of each sample (``None``: one bin).
-        num_bins: number of bins ``nb``.
-        weights: ``[m]`` (default ``1/m``: the unit's mean).
-
-    Returns:
-        ``g [P]`` and ``h [nb, P]`` (float64); absent bins are zero.
-    """
-    m = losses.shape[0]
-    w = (
-        torch.full((m,), 1.0 / m, dtype=losses.dtype)
-        if weights is None
-        else weights.to(losses.dtype)
-    )
-    idx = torch.zeros(m, dtype=torch.long) if bin_index is None else bin_index.long()
-    present = sorted(set(idx.tolist()))
-    g = _flat_grad((w * losses).sum(), params, retain=controls is not None)
-    h = torch.zeros(num_bins, g.shape[0], dtype=torch.float64, device=g.device)
-    if controls is None:
-        return g, h
-    for j, b in enumerate(present):
-        mask = (idx == b).to(controls)
-        h[b] = _flat_grad((w * mask * controls).sum(), params, retain=j < len(present) - 1)
-    return g, h
 
 
 def _moments_from_draws(
