@@ -83,13 +83,13 @@ class ControlledDSM:
         validate: input checks with host syncs in ``dsm_loss``, ``dsm_taylor_cv`` and
             ``GradientControl`` (its groups range check); ``False`` makes the step sync-free.
         group_forward: with σ bins (or ``groups``), how the per-bin control gradients are
-            formed. ``"split"``: the batch is sorted by bin and losses and controls are
-            computed by one forward per bin, so each bin's control backward covers only its
+            formed. ``"split"``: the batch is sorted by bin, the losses take one forward and
+            the controls one forward per bin, so each bin's control backward covers only its
             own rows (about one backward in all; one host sync per step for the bin sizes).
             ``"joint"``: one forward over the batch and ``G`` backward passes over all of it
             (batched with vmap where possible; sync-free). ``"auto"`` (default): ``"split"``
-            when GradientControl validates groups (a sync anyway), else ``"joint"``. Same gradient either
-            way (up to summation order); see ``benchmarks/train_step.py`` for the costs.
+            when GradientControl validates groups (a sync anyway), else ``"joint"``. Same
+            gradient either way (up to summation order); costs: ``benchmarks/train_step.py``.
         control_kwargs: further keyword arguments for ``GradientControl`` (its default
             ``group_backward="auto"`` falls back to one backward per σ bin where vmap over a
             backward through forward-mode AD fails, e.g. GroupNorm under jvp in torch 2.13).
@@ -280,7 +280,10 @@ class ControlledDSM:
         score_kwargs: Mapping[str, Any] | None = None,
         scaler: Any = None,
     ) -> dict[str, Tensor]:
-        """Fill ``p.grad`` (overwriting) for one batch; return diagnostics (tensors, no host sync).
+        """Fill ``p.grad`` (overwriting) for one batch; return diagnostics (tensors).
+
+        Host syncs: none with ``validate=False`` (joint path); the split path of σ bins reads
+        the bin sizes once.
 
         Args:
             x: clean data ``[B, ...]``.
