@@ -20,11 +20,16 @@ import varred_diffusion as vd
 
 
 def run(
-    granularity: str, bins: bool, steps: int, report: tuple[int, ...], shrinkage: float = 0.0
+    granularity: str,
+    bins: bool,
+    steps: int,
+    report: tuple[int, ...],
+    shrinkage: float = 0.0,
+    seed: int = 0,
 ) -> list[float]:
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(2 * seed)
     data = vd.ring8()
-    model = vd.MLPScore(2, width=64, depth=2, generator=torch.Generator().manual_seed(1))
+    model = vd.MLPScore(2, width=64, depth=2, generator=torch.Generator().manual_seed(2 * seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = vd.ControlledDSM(
         model, model.parameters(), order=0, granularity=granularity,
@@ -47,6 +52,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     parser.add_argument(
         "--shrinkage", default="10,100", help="κ values for extra per-element rows (comma list)"
     )
@@ -60,7 +66,7 @@ def main() -> None:
         ("element", b, float(k)) for k in args.shrinkage.split(",") if k for b in (False, True)
     ]
     for granularity, bins, kappa in rows:
-        vr = run(granularity, bins, args.steps, report, kappa)
+        vr = run(granularity, bins, args.steps, report, kappa, args.seed)
         cells = " | ".join(f"{v:.3g}" for v in vr)
         name = granularity + (f", shrinkage κ={kappa:g}" if kappa else "")
         print(f"| {name} | {'8' if bins else '-'} | {cells} |")
