@@ -12,7 +12,6 @@ gradient of ``mean(ℓ - β c)`` (Jeha et al. 2024, Thm. 3.3/3.4). See ``docs/gr
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -423,8 +422,7 @@ class GradientControl:
         idx = torch.cat(
             [torch.full((n,), g, dtype=torch.long, device=dev) for g, n in enumerate(sizes)]
         )  # fill kernels, no host→device copy
-        dtype = functools.reduce(torch.promote_types, [c.dtype for c in parts])
-        return parts, torch.cat([c.to(dtype) for c in parts]), idx
+        return parts, torch.cat(parts), idx  # cat promotes mixed dtypes
 
     def _check_inputs(self, losses: Tensor, controls: Tensor, groups: Tensor | None) -> int:
         check_floating("losses", losses)

@@ -357,14 +357,15 @@ class ControlledDSM:
         loss = dsm_loss(self.score_fn, x, sig, noise, **self._plain_kwargs(alpha, kw))
         chunks, lo = [], 0
         for n in counts[1:]:
-            hi, cut = lo + n, slice(lo, lo + n)
-            kw_g = _take_rows(kw, cut, b)
+            cut, lo = slice(lo, lo + n), lo + n
+            if n == 0:  # an empty bin: no forward, a zero-length control
+                chunks.append(loss.new_zeros(0))
+                continue
             a_g = None if alpha is None else alpha[cut]
-            ctrl = self._control(x[cut], sig[cut], noise[cut], a_g, generator, kw_g) if n else None
-            chunks.append(
-                _at_least_float32(ctrl) if ctrl is not None else loss.new_zeros(0).float()
+            ctrl = self._control(
+                x[cut], sig[cut], noise[cut], a_g, generator, _take_rows(kw, cut, b)
             )
-            lo = hi
+            chunks.append(_at_least_float32(ctrl))
         return _at_least_float32(loss), chunks
 
     __call__ = step
