@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.gradient_config import GradientControlConfig, check_params
+from varred.layout import CoefficientLayout
 from varred.moments import all_finite, merge_moments, moment_step, pooled_ratio, safe_div
 
 __all__ = ["GradientControl", "GradientControlConfig", "merge_moments", "pooled_ratio"]
@@ -28,6 +29,40 @@ Tensor = torch.Tensor
 _STATS = ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll")
 # running/fixed modes: moments of the applied (controlled) and plain step gradients, see _track
 _TRACK = ("track_weight", "ctl_mean", "plain_mean", "ctl_var", "plain_var")
+
+
+def _resolve_layout(
+    layout: Any, granularity: str | None, num_groups: int | None, shrinkage: float | None
+) -> CoefficientLayout:
+    """``layout=`` or the separate ``granularity``/``num_groups``/``shrinkage`` keywords."""
+    given = {
+        k: v
+        for k, v in (
+            ("granularity", granularity),
+            ("num_groups", num_groups),
+            ("shrinkage", shrinkage),
+        )
+        if v is not None
+    }
+    if layout is None:
+        ng = num_groups
+        if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1):
+            raise VarRedError(f"num_groups: expected an integer >= 1, got {ng!r}")
+        return CoefficientLayout(
+            granularity if granularity is not None else "element",
+            num_groups if num_groups is not None else 1,
+            shrinkage if shrinkage is not None else 0.0,
+        )
+    if not isinstance(layout, CoefficientLayout):
+        raise VarRedError(
+            f"layout: expected a varred.layout.CoefficientLayout or None, got {type(layout).__name__}"
+        )
+    if given:
+        raise VarRedError(
+            f"layout: expected either layout= or the keywords {', '.join(sorted(given))} (they "
+            f"conflict; put them in the CoefficientLayout), got both"
+        )
+    return layout
 
 
 class GradientControl:
@@ -49,6 +84,9 @@ class GradientControl:
     Args:
         params: parameter tensors (``requires_grad=True``, all on one device) whose ``.grad``
             is written.
+        layout: a :class:`varred.layout.CoefficientLayout` (granularity × groups, shrinkage);
+            exposed as ``ctrl.layout``. Giving it together with ``granularity``, ``num_groups``
+            or ``shrinkage`` raises :class:`VarRedError` (use one or the other).
         granularity: ``"element"`` (one β per parameter entry), ``"tensor"`` (statistics pooled
             over each tensor) or ``"scalar"`` (pooled over all parameters); always × groups.
         coefficient: ``"running"`` (β from exponentially weighted statistics of earlier steps'
@@ -100,10 +138,11 @@ class GradientControl:
         self,
         params: Iterable[Tensor] | Tensor,
         *,
-        granularity: str = "element",
+        layout: CoefficientLayout | None = None,
+        granularity: str | None = None,
         coefficient: str | float = "running",
         decay: float = 0.99,
-        num_groups: int = 1,
+        num_groups: int | None = None,
         process_group: Any = None,
         warmup_steps: int | None = None,
         per_sample_fit: str = "running",
@@ -112,13 +151,15 @@ class GradientControl:
         raise_on_nonfinite: bool = False,
         validate: bool = True,
         group_backward: str = "auto",
-        shrinkage: float = 0.0,
+        shrinkage: float | None = None,
     ) -> None:
         if warmup_steps is None:
             warmup_steps = 1 if coefficient == "per_sample" else 10
+        self.layout = _resolve_layout(layout, granularity, num_groups, shrinkage)
+        lay = self.layout
         self.config = GradientControlConfig(
-            granularity, coefficient, decay, num_groups, warmup_steps, per_sample_fit,
-            folds, nonfinite, raise_on_nonfinite, validate, group_backward, shrinkage,
+            lay.granularity, coefficient, decay, lay.num_groups, warmup_steps, per_sample_fit,
+            folds, nonfinite, raise_on_nonfinite, validate, group_backward, lay.shrinkage,
         )  # fmt: skip
         if isinstance(process_group, str) and process_group != "default":
             raise VarRedError(
@@ -307,6 +348,8 @@ class GradientControl:
                 ``n_g`` rows each instead of ``B``: about one backward in all instead of ``G``
                 (running and fixed modes; see ``docs/gradient.md``).
             groups: ``[B]`` integer group index in ``[0, num_groups)``; ``None`` = group 0.
+                With a layout whose ``groups`` is a grouping object (e.g. σ bins), also the
+                floating values it groups by (e.g. σ ``[B]``).
             scaler: a ``torch.amp.GradScaler`` for float16 training: the backward passes run
                 on ``S·ℓ`` and ``S·c`` (``S`` its current scale, so small float16 gradients do
                 not underflow), every statistic and β see the unscaled gradients, and
@@ -329,6 +372,7 @@ class GradientControl:
                 non-finite values with ``raise_on_nonfinite=True``.
         """
         self._scale = None if scaler is None else self._scale_of(scaler)
+        groups = self.layout.index(groups)
         chunks: list[Tensor] | None = None
         if not isinstance(controls, Tensor):
             chunks, controls, groups = self._from_chunks(losses, controls, groups)
