@@ -7,18 +7,27 @@ from varred_diffusion.adapters import EpsFromScore as EpsFromScore
 from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
 from varred_diffusion.adapters import ScoreFromV as ScoreFromV
 from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
+from varred_diffusion.batch import Batch as Batch
 from varred_diffusion.bins import SigmaBins as SigmaBins
+from varred_diffusion.controls import AntitheticPairs as AntitheticPairs
+from varred_diffusion.controls import TaylorControl as TaylorControl
 from varred_diffusion.diagnostics import VarianceRatio as VarianceRatio
 from varred_diffusion.diagnostics import gradient_variance_ratio as gradient_variance_ratio
 from varred_diffusion.diagnostics import per_sample_gradients as per_sample_gradients
 from varred_diffusion.diagnostics import variance_ratio_by_sigma as variance_ratio_by_sigma
 from varred_diffusion.losses import dsm_loss as dsm_loss
+from varred_diffusion.losses import loss_weights as loss_weights
 from varred_diffusion.losses import perturb as perturb
 from varred_diffusion.models import MLPScore as MLPScore
 from varred_diffusion.models import SmallUNet as SmallUNet
 from varred_diffusion.models import init_parameters as init_parameters
 from varred_diffusion.models import parameter_count as parameter_count
+from varred_diffusion.recipe import NoiseLevelSampler as NoiseLevelSampler
+from varred_diffusion.recipe import Recipe as Recipe
+from varred_diffusion.recipe import Target as Target
 from varred_diffusion.sampling import ImportanceSigmaSampler as ImportanceSigmaSampler
+from varred_diffusion.sampling import LogUniformSigma as LogUniformSigma
+from varred_diffusion.sampling import StratifiedSigma as StratifiedSigma
 from varred_diffusion.sampling import antithetic_noise as antithetic_noise
 from varred_diffusion.sampling import log_uniform_sigma as log_uniform_sigma
 from varred_diffusion.sampling import low_discrepancy_uniform as low_discrepancy_uniform
@@ -33,21 +42,31 @@ from varred_diffusion.toy import asymmetric as asymmetric
 from varred_diffusion.toy import ring8 as ring8
 from varred_diffusion.toy import score_error as score_error
 from varred_diffusion.training import ControlledDSM as ControlledDSM
+from varred_diffusion.training_step import TrainingStep as TrainingStep
 
 __version__ = "0.1.0"
 __all__ = [
+    "AntitheticPairs",
+    "Batch",
     "ControlledDSM",
     "DiffusersEpsAdapter",
     "EpsFromScore",
     "GaussianMixture",
     "ImportanceSigmaSampler",
+    "LogUniformSigma",
     "MLPScore",
+    "NoiseLevelSampler",
+    "Recipe",
     "ScoreError",
     "ScoreFromEps",
     "ScoreFromV",
     "ScoreFromX0",
     "SigmaBins",
     "SmallUNet",
+    "StratifiedSigma",
+    "Target",
+    "TaylorControl",
+    "TrainingStep",
     "VESchedule",
     "VPSchedule",
     "VarianceRatio",
@@ -59,6 +78,7 @@ __all__ = [
     "gradient_variance_ratio",
     "init_parameters",
     "log_uniform_sigma",
+    "loss_weights",
     "low_discrepancy_uniform",
     "parameter_count",
     "per_sample_gradients",

@@ -17,9 +17,12 @@ import torch
 from torch import Tensor
 
 from varred.errors import VarRedError, check_finite, check_floating, shape_str
-from varred_diffusion.schedules import append_dims, per_sample
+from varred_diffusion.broadcast import append_dims, per_sample
 
-__all__ = ["as_sigma", "dsm_loss", "perturb"]
+__all__ = ["Weighting", "as_sigma", "dsm_loss", "dsm_residual_loss", "loss_weights", "perturb"]
+
+#: λ(σ): ``None`` (σ²), a float, a 0-d or ``[B]`` tensor, or a callable ``sigma [B] -> [B]``.
+Weighting = Callable[[Tensor], Tensor] | Tensor | float | None
 
 
 def as_sigma(
@@ -36,6 +39,60 @@ def as_sigma(
         if bool((s <= 0).any()):
             raise VarRedError(f"{name}: expected > 0, got min {float(s.min())}")
     return s
+
+
+def loss_weights(weighting: Weighting, sigma: Tensor) -> Tensor:
+    """λ(σ) per sample ``[B]`` in ``sigma``'s dtype: the one contract of ``weighting``.
+
+    ``None`` gives ``σ²`` (the DSM default); a float or 0-d tensor is broadcast; a ``[B]``
+    tensor is used as given; a callable gets ``sigma [B]`` and may return a float, a 0-d or
+    a ``[B]`` tensor.
+
+    Raises:
+        VarRedError: any other type, or a shape other than ``[]`` / ``[B]``.
+    """
+    if weighting is None:
+        return sigma * sigma
+    if callable(weighting):
+        lam = weighting(sigma)
+        if isinstance(lam, (int, float)) and not isinstance(lam, bool):
+            return torch.full_like(sigma, float(lam))
+        if not isinstance(lam, Tensor):
+            raise VarRedError(
+                f"weighting: expected the callable to return a float or a tensor of shape "
+                f"{shape_str(sigma)}, got {type(lam).__name__}"
+            )
+        if lam.ndim == 0:
+            lam = lam.expand_as(sigma)
+        if lam.shape != sigma.shape:
+            raise VarRedError(
+                f"weighting: expected the callable to return shape {shape_str(sigma)}, "
+                f"got {shape_str(lam)}"
+            )
+        return lam.to(sigma.dtype)
+    return per_sample("weighting", weighting, sigma.shape[0], sigma)
+
+
+def dsm_residual_loss(score: Tensor, target: Tensor, sigma: Tensor, lam: Tensor | None) -> Tensor:
+    """``(λ/σ²) ‖σ s + ε̃‖²`` ``[B]`` from a computed score: the unchecked core of :func:`dsm_loss`.
+
+    Args:
+        score: ``s_θ(x_t, σ)`` ``[B, ...]``.
+        target: the regression target ``ε̃`` ``[B, ...]`` (``ε`` for plain DSM).
+        sigma: ``[B]``.
+        lam: λ ``[B]`` or ``None`` (λ = σ², the factor 1 exactly).
+
+    The residual and its squared norm are computed in at least float32 (autocast off).
+    """
+    dtype = torch.promote_types(score.dtype, torch.float32)
+    dtype = torch.promote_types(dtype, target.dtype)
+    with torch.autocast(device_type=score.device.type, enabled=False):
+        sd = append_dims(sigma.to(dtype), score.ndim)
+        resid = sd * score.to(dtype) + target.to(dtype)  # σ s + ε̃: O(1)
+        sq = resid.pow(2).flatten(1).sum(1) if score.ndim > 1 else resid.pow(2)  # [B]
+        if lam is None:
+            return sq
+        return (lam.to(dtype) / sigma.to(dtype) ** 2) * sq
 
 
 def perturb(
@@ -64,7 +121,7 @@ def dsm_loss(
     sigma: float | Tensor,
     noise: Tensor,
     *,
-    weighting: Callable[[Tensor], Tensor] | None = None,
+    weighting: Weighting = None,
     alpha: float | Tensor | None = None,
     score_kwargs: Mapping[str, Any] | None = None,
     validate: bool = True,
@@ -79,7 +136,8 @@ def dsm_loss(
         x: clean data ``[B, ...]``, floating point.
         sigma: ``[B]`` noise levels, or a Python float / 0-d tensor used for every sample.
         noise: ``ε`` ``[B, ...]`` (the caller owns the randomness).
-        weighting: ``λ``: ``sigma [B] -> [B]``; ``None`` means ``λ = σ²``.
+        weighting: λ(σ): ``None`` (σ²), a float, a ``[B]`` tensor or a callable
+            ``sigma [B] -> [B]`` (see :func:`loss_weights`; the contract of ``dsm_taylor_cv``).
         alpha: VP signal scale ``[B]`` or scalar (``None``: VE).
         score_kwargs: extra conditioning for ``score_fn`` (e.g. class labels).
         validate: check finiteness and positivity of inputs (host syncs; turn off in hot loops).
@@ -109,16 +167,5 @@ def dsm_loss(
         raise VarRedError(
             f"score_fn: expected an output of the shape of x {shape_str(x)}, got {shape_str(score)}"
         )
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        sd = append_dims(s.to(dtype), x.ndim)
-        resid = sd * score.to(dtype) + noise.to(dtype)  # σ s + ε: O(1)
-        sq = resid.pow(2).flatten(1).sum(1) if x.ndim > 1 else resid.pow(2)  # [B, ...] -> [B]
-        if weighting is None:
-            return sq
-        lam = weighting(s)
-        if not isinstance(lam, Tensor) or lam.shape != s.shape:
-            raise VarRedError(
-                f"weighting: expected an output of shape [{x.shape[0]}], got {shape_str(lam)}"
-            )
-        return (lam.to(dtype) / s.to(dtype) ** 2) * sq
+    lam = None if weighting is None else loss_weights(weighting, s)
+    return dsm_residual_loss(score, noise, s, lam)

@@ -19,6 +19,8 @@ from varred_diffusion.bins import SigmaBins
 
 __all__ = [
     "ImportanceSigmaSampler",
+    "LogUniformSigma",
+    "StratifiedSigma",
     "antithetic_noise",
     "log_uniform_sigma",
     "low_discrepancy_uniform",
@@ -87,6 +89,63 @@ def log_uniform_sigma(u: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
     return torch.exp(lo + u * (hi - lo))
 
 
+class LogUniformSigma:
+    """i.i.d. log-uniform σ on ``[sigma_min, sigma_max]``: the plain DSM sampler (weights 1).
+
+    Its density defines the objective the other σ samplers keep (``changes_objective`` is
+    ``False`` by convention: it is the reference).
+    """
+
+    changes_objective = False
+
+    def __init__(self, sigma_min: float, sigma_max: float) -> None:
+        log_uniform_sigma(torch.zeros(1), sigma_min, sigma_max)  # validates the range
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def _uniforms(self, n: int, generator: torch.Generator | None) -> Tensor:
+        return torch.rand(n, generator=generator, dtype=torch.float64)
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(sigma [n], ones [n])``."""
+        if n < 1:
+            raise VarRedError(f"n: expected a positive integer, got {n}")
+        sigma = log_uniform_sigma(self._uniforms(n, generator), self.sigma_min, self.sigma_max)
+        sigma = sigma.to(dtype=dtype, device=device)
+        return sigma, torch.ones_like(sigma)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.sigma_min:g}, {self.sigma_max:g})"
+
+
+class StratifiedSigma(LogUniformSigma):
+    """Log-uniform σ with one draw per stratum of ``u`` (``low_discrepancy``: VDM's shifted grid).
+
+    Each σ is marginally log-uniform, so the objective is the plain one with weights 1; the
+    batch covers the σ range evenly (Kingma et al., 2021).
+    """
+
+    def __init__(
+        self, sigma_min: float, sigma_max: float, *, low_discrepancy: bool = False
+    ) -> None:
+        super().__init__(sigma_min, sigma_max)
+        self.low_discrepancy = bool(low_discrepancy)
+
+    def _uniforms(self, n: int, generator: torch.Generator | None) -> Tensor:
+        draw = low_discrepancy_uniform if self.low_discrepancy else stratified_uniform
+        return draw(n, generator)
+
+    def __repr__(self) -> str:
+        ld = ", low_discrepancy=True" if self.low_discrepancy else ""
+        return f"StratifiedSigma({self.sigma_min:g}, {self.sigma_max:g}{ld})"
+
+
 def antithetic_noise(
     batch: int,
     shape: tuple[int, ...] | torch.Size,
@@ -122,6 +181,8 @@ class ImportanceSigmaSampler:
     hold the same state.
     Use a different generator per rank in ``sample``.
     """
+
+    changes_objective = False  # the weights keep the log-uniform objective
 
     def __init__(
         self,

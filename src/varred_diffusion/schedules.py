@@ -14,56 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from varred.errors import VarRedError, check_floating, shape_str
+from varred.errors import VarRedError, check_floating
+from varred_diffusion.broadcast import append_dims, per_sample
 
 __all__ = ["VESchedule", "VPSchedule", "append_dims", "per_sample"]
-
-
-def append_dims(x: Tensor, ndim: int) -> Tensor:
-    """Append trailing singleton dims so ``x`` has ``ndim`` dims: ``[B] -> [B, 1, ..., 1]``.
-
-    >>> append_dims(torch.ones(3), 4).shape
-    torch.Size([3, 1, 1, 1])
-    """
-    missing = ndim - x.ndim
-    if missing < 0:
-        raise VarRedError(f"ndim: expected ≥ x.ndim = {x.ndim}, got {ndim}")
-    return x.reshape(*x.shape, *([1] * missing))
-
-
-def per_sample(
-    name: str, v: float | Tensor | None, n: int, like: Tensor, default: float | None = None
-) -> Tensor:
-    """Broadcast a per-sample parameter (σ, α, λ) to ``[n]`` in ``like``'s dtype and device.
-
-    A Python number becomes ``torch.full`` on the device (no host-to-device copy), a 0-d
-    tensor is expanded, a ``[n]`` tensor is cast; ``None`` takes ``default`` (an error when
-    there is none). The one place the σ/α conventions broadcast, as ``append_dims`` is the
-    one place they meet the data's shape.
-
-    Raises:
-        VarRedError: ``None`` without a default, a non-numeric value, or a shape other than
-            ``[]`` / ``[n]``.
-    """
-    if v is None:
-        if default is None:
-            raise VarRedError(f"{name}: expected a float or a tensor of shape [{n}], got None")
-        v = default
-    if isinstance(v, bool) or not isinstance(v, (int, float, Tensor)):
-        raise VarRedError(
-            f"{name}: expected a float or a tensor of shape [{n}], got {type(v).__name__}"
-        )
-    if not isinstance(v, Tensor):
-        return torch.full((n,), float(v), dtype=like.dtype, device=like.device)
-    t = v.to(dtype=like.dtype, device=like.device)
-    if t.ndim == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise VarRedError(
-            f"{name}: expected shape [{n}] (one per sample), a float or a 0-d tensor, "
-            f"got {shape_str(t)}"
-        )
-    return t
 
 
 def _as_tensor(v: float | Tensor) -> Tensor:

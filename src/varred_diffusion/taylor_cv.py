@@ -33,56 +33,23 @@ from torch import Tensor
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
 from varred.gaussian import gauss_hermite_cubature
 from varred.taylor import taylor_terms
-from varred_diffusion.schedules import per_sample
+from varred_diffusion.broadcast import append_dims, dot, per_sample, repeat_rows
+from varred_diffusion.losses import Weighting, loss_weights
 
-__all__ = ["AUTO_EXACT_MAX_EVALS", "dsm_taylor_cv", "resolve_expectation"]
+__all__ = [
+    "AUTO_EXACT_MAX_EVALS",
+    "dsm_taylor_cv",
+    "k0_control",
+    "resolve_expectation",
+    "taylor_control",
+]
 
 ScoreFn = Callable[..., Tensor]
-Weighting = Callable[[Tensor], Tensor] | Tensor | float | None
 
 #: "auto" uses exact means while they cost at most this many extra score
 #: evaluations (with derivatives) per sample: ``d`` for k = 1, ``(k+1)^d`` for k ≥ 2.
 AUTO_EXACT_MAX_EVALS = 64
 _EXPECTATIONS = ("auto", "exact", "probe", "hutchinson")
-
-
-def _weights(weighting: Weighting, sigma: Tensor) -> Tensor:
-    """λ(σ) per sample ``[B]``; default ``σ²``."""
-    if weighting is None:
-        return sigma * sigma
-    if callable(weighting):
-        lam = weighting(sigma)
-        if not isinstance(lam, Tensor):
-            lam = torch.as_tensor(lam, dtype=sigma.dtype, device=sigma.device)
-        lam = lam.to(sigma.dtype)
-        if lam.ndim == 0:
-            lam = lam.expand_as(sigma)
-        if lam.shape != sigma.shape:
-            raise VarRedError(
-                f"weighting: expected the callable to return shape {shape_str(sigma)}, got {shape_str(lam)}"
-            )
-        return lam
-    return per_sample("weighting", weighting, sigma.shape[0], sigma, None)
-
-
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
-    """``[B] -> [B, 1, ..., 1]`` to broadcast against ``like`` ``[B, ...]``."""
-    return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample inner product ``[B, ...] x [B, ...] -> [B]``."""
-    return (a * b).flatten(1).sum(1)
-
-
-def _repeat_kwargs(kwargs: Mapping[str, Any], b: int, reps: int) -> dict[str, Any]:
-    """Tile tensors whose first dimension is the batch ``b`` to ``reps * b`` rows."""
-    out: dict[str, Any] = {}
-    for key, val in kwargs.items():
-        if reps > 1 and isinstance(val, Tensor) and val.ndim >= 1 and val.shape[0] == b:
-            val = val.repeat(reps, *([1] * (val.ndim - 1)))
-        out[key] = val
-    return out
 
 
 def _terms(
@@ -99,7 +66,7 @@ def _terms(
     ``x0``, ``v``: ``[N, ...]``, ``sigma``: ``[N]``; ``N`` is a multiple of the user's
     batch ``batch`` (stacked copies; kwargs tiled accordingly).
     """
-    kw = _repeat_kwargs(kwargs, batch, x0.shape[0] // batch)
+    kw = repeat_rows(kwargs, batch, x0.shape[0] // batch)
 
     def f(y: Tensor) -> Tensor:
         return score_fn(y, sigma, **kw)
@@ -126,17 +93,17 @@ def _parts_by_degree(t: list[Tensor], eps: Tensor) -> tuple[dict[int, Tensor], d
         for j in range(i, k + 1):
             if i == j == 0:
                 continue
-            term = _dot(t[i], t[j]) * (1.0 if i == j else 2.0)
+            term = dot(t[i], t[j]) * (1.0 if i == j else 2.0)
             q[i + j] = q[i + j] + term if i + j in q else term
-    r = {j + 1: _dot(t[j], eps) for j in range(1, k + 1)}
+    r = {j + 1: dot(t[j], eps) for j in range(1, k + 1)}
     return q, r
 
 
-def _even_sum(parts: dict[int, Tensor], keep: Callable[[int], bool], like: Tensor) -> Tensor:
-    """Sum of the even-degree parts whose degree passes ``keep`` (zeros ``[B]`` if none)."""
+def _even_sum(parts: dict[int, Tensor], like: Tensor) -> Tensor:
+    """Sum of the even-degree parts (zeros like ``like`` ``[B]`` if none)."""
     out = torch.zeros_like(like)
     for deg, val in parts.items():
-        if deg % 2 == 0 and keep(deg):
+        if deg % 2 == 0:
             out = out + val
     return out
 
@@ -244,13 +211,13 @@ def _probe_means(t: list[Tensor], probes: list[Tensor], method: str) -> tuple[Te
     if method == "probe":
         q, r = _parts_by_degree(t, probes[0])
         zero = torch.zeros(b, dtype=t[0].dtype, device=t[0].device)
-        return _even_sum(q, lambda _: True, zero), _even_sum(r, lambda _: True, zero)
+        return _even_sum(q, zero), _even_sum(r, zero)
     tz = [u[:b] for u in t]
-    er = _dot(tz[1], probes[0])
+    er = dot(tz[1], probes[0])
     if len(t) == 2:
-        return _dot(tz[1], tz[1]), er
+        return dot(tz[1], tz[1]), er
     tg2 = t[2][b:]
-    return 2 * _dot(tz[0], tz[2]) + _dot(tz[1], tz[1]) + _dot(tg2, tg2), er
+    return 2 * dot(tz[0], tz[2]) + dot(tz[1], tz[1]) + dot(tg2, tg2), er
 
 
 def dsm_taylor_cv(
@@ -334,16 +301,57 @@ def dsm_taylor_cv(
     if validate and bool((sig <= 0).any()):
         raise VarRedError(f"sigma: expected values > 0, got min {float(sig.min()):.3g}")
     method = resolve_expectation(expectation, order, d)
-    a = per_sample("alpha", alpha, b, x, 1.0)
-    lam = _weights(weighting, sig)
-    kwargs: dict[str, Any] = dict(score_kwargs or {})
+    x0 = append_dims(per_sample("alpha", alpha, b, x, 1.0), x.ndim) * x
+    lam = loss_weights(weighting, sig)
+    return taylor_control(
+        score_fn, x0, sig, noise, lam, order, method,
+        probe_noise=probe_noise, generator=generator, score_kwargs=score_kwargs,
+    )  # fmt: skip
 
-    x0 = _bcast(a, x) * x
-    if order == 0:
-        t = _terms(score_fn, x0, sig, _bcast(sig, noise) * noise, 0, kwargs, b)
-        lin = _dot(t[0], noise)  # s_0ᵀε: [B]
-        noise_part = (noise * noise).flatten(1).sum(1) - d  # ‖ε‖² - d: [B]
+
+def k0_control(s0: Tensor, noise: Tensor, sigma: Tensor, lam: Tensor) -> Tensor:
+    """``C^0 = λ (2 εᵀs(αx)/σ + (‖ε‖² − d)/σ²)`` ``[B]`` from the score at the clean point.
+
+    The unchecked k = 0 core (``s0``, ``noise``: ``[B, ...]``; ``sigma``, ``lam``: ``[B]``),
+    reduced in at least float32 whatever autocast computed ``s0`` in.
+    """
+    dtype = torch.promote_types(torch.promote_types(s0.dtype, torch.float32), noise.dtype)
+    with torch.autocast(device_type=s0.device.type, enabled=False):
+        nz, sig, lam = noise.to(dtype), sigma.to(dtype), lam.to(dtype)
+        lin = dot(s0.to(dtype), nz)  # s_0ᵀε: [B]
+        noise_part = nz.pow(2).flatten(1).sum(1) - nz[0].numel()  # ‖ε‖² - d: [B]
         return lam * (2 * lin / sig + noise_part / (sig * sig))
+
+
+def taylor_control(
+    score_fn: ScoreFn,
+    x0: Tensor,
+    sig: Tensor,
+    noise: Tensor,
+    lam: Tensor,
+    order: int,
+    method: str,
+    *,
+    probe_noise: Tensor | tuple[Tensor, Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    score_kwargs: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """``C^k`` ``[B]`` about the clean point ``x0 = αx`` ``[B, ...]``: the unchecked core.
+
+    Takes resolved per-sample ``sig``/``lam`` ``[B]`` and a resolved mean ``method`` (see
+    :func:`resolve_expectation`); :func:`dsm_taylor_cv` is the validated entry point.
+    """
+    b, d = x0.shape[0], x0[0].numel()
+    kwargs: dict[str, Any] = dict(score_kwargs or {})
+    if order == 0:
+        kw = dict(kwargs)
+        s0 = score_fn(x0, sig, **kw)
+        if not isinstance(s0, Tensor) or s0.shape != x0.shape:
+            raise VarRedError(
+                f"score_fn: expected an output of the input's shape {shape_str(x0)}, "
+                f"got {shape_str(s0)}"
+            )
+        return k0_control(s0, noise, sig, lam)
 
     # one stacked Taylor call: rows [ε ; probes or exact directions], B rows each
     if method == "exact":
@@ -358,9 +366,9 @@ def dsm_taylor_cv(
     sig_r = sig.repeat(reps)
     t_all = _terms(
         score_fn,
-        x0.repeat(reps, *([1] * (x.ndim - 1))),
+        x0.repeat(reps, *([1] * (x0.ndim - 1))),
         sig_r,
-        _bcast(sig_r, v) * v,
+        append_dims(sig_r, v.ndim) * v,
         order,
         kwargs,
         b,
@@ -369,15 +377,15 @@ def dsm_taylor_cv(
     rest = [u[b:] for u in t_all]
     if method == "exact":
         q_m, r_m = _parts_by_degree(rest, extra)
-        zero = torch.zeros(extra.shape[0], dtype=rest[0].dtype, device=x.device)
+        zero = torch.zeros(extra.shape[0], dtype=rest[0].dtype, device=x0.device)
         w = weights.reshape(m, 1)
-        eq = (w * _even_sum(q_m, lambda _: True, zero).reshape(m, b)).sum(0)
-        er = (w * _even_sum(r_m, lambda _: True, zero).reshape(m, b)).sum(0)
+        eq = (w * _even_sum(q_m, zero).reshape(m, b)).sum(0)
+        er = (w * _even_sum(r_m, zero).reshape(m, b)).sum(0)
     else:
         eq, er = _probe_means(rest, probes, method)
 
     noise_part = (noise * noise).flatten(1).sum(1) - d  # ‖ε‖² - d: [B]
-    lin = _dot(t[0], noise)  # t_0ᵀε: [B]
+    lin = dot(t[0], noise)  # t_0ᵀε: [B]
     q_parts, r_parts = _parts_by_degree(t, noise)
     q = sum(q_parts.values(), torch.zeros_like(lin))
     r = sum(r_parts.values(), torch.zeros_like(lin))
