@@ -7,6 +7,7 @@ from varred_diffusion.adapters import EpsFromScore as EpsFromScore
 from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
 from varred_diffusion.adapters import ScoreFromV as ScoreFromV
 from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
+from varred_diffusion.auto import AutoStep as AutoStep
 from varred_diffusion.batch import Batch as Batch
 from varred_diffusion.bins import SigmaBins as SigmaBins
 from varred_diffusion.controls import AntitheticPairs as AntitheticPairs
@@ -47,6 +48,7 @@ from varred_diffusion.training_step import TrainingStep as TrainingStep
 __version__ = "0.1.0"
 __all__ = [
     "AntitheticPairs",
+    "AutoStep",
     "Batch",
     "ControlledDSM",
     "DiffusersEpsAdapter",

@@ -107,6 +107,9 @@ class TrainingStep:
                 f"coefficients: expected a varred.GradientControl, got {type(coefficients).__name__}"
             )
         self.coefficients = coefficients if needs else None
+        #: ``None`` or bool ``[G]``: groups whose control is formed (split path); the others get
+        #: no control forward and contribute a zero control (``AutoStep`` switches them).
+        self.active_groups: Tensor | None = None
         if self.num_groups > 1 and getattr(control, "stack", False) and self._split:
             raise VarRedError(
                 "stack: the stacked forward runs over the whole batch, so it needs "
@@ -295,10 +298,11 @@ class TrainingStep:
         batch = batch.rows(torch.argsort(groups, stable=True))  # every per-sample tensor follows
         loss = self.losses(batch)
         chunks, lo = [], 0
-        for n in counts[1:]:
+        active = None if self.active_groups is None else self.active_groups.tolist()
+        for g, n in enumerate(counts[1:]):
             cut, lo = slice(lo, lo + n), lo + n
-            if n == 0:  # an empty group: no forward, a zero-length control
-                chunks.append(loss.new_zeros(0))
+            if n == 0 or (active is not None and not active[g]):
+                chunks.append(loss.new_zeros(n))  # empty or switched off: no control forward
                 continue
             part = batch.rows(cut)
             chunks.append(_at_least_float32(part.weighted(self.controls(part, generator))))
