@@ -16,6 +16,7 @@ from varred.gaussian import gaussian_polynomial_expectation as gaussian_polynomi
 from varred.gaussian import isserlis_pairings as isserlis_pairings
 from varred.gradient import GradientControl as GradientControl
 from varred.gradient import GradientControlConfig as GradientControlConfig
+from varred.layout import CoefficientLayout as CoefficientLayout
 from varred.score_function import loo_baseline as loo_baseline
 from varred.score_function import score_function_surrogate as score_function_surrogate
 from varred.taylor import TaylorCV as TaylorCV
@@ -24,6 +25,7 @@ from varred.taylor import taylor_terms as taylor_terms
 
 __version__ = "0.1.0"
 __all__ = [
+    "CoefficientLayout",
     "ControlVariate",
     "Estimate",
     "GradientControl",

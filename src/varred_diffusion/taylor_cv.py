@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.func import jvp, vmap
 
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
 from varred.gaussian import gauss_hermite_cubature
@@ -52,6 +53,12 @@ AUTO_EXACT_MAX_EVALS = 64
 _EXPECTATIONS = ("auto", "exact", "probe", "hutchinson")
 
 
+def _is_vmap_unsupported(exc: RuntimeError) -> bool:
+    """Whether ``exc`` says an op has no vmap batching rule (the one error to fall back on)."""
+    msg = str(exc).lower()
+    return "vmap" in msg or "batching rule" in msg or "batched" in msg
+
+
 def _terms(
     score_fn: ScoreFn,
     x0: Tensor,
@@ -63,10 +70,36 @@ def _terms(
 ) -> list[Tensor]:
     """``t_j = D^j s(x0)[v^{⊗j}] / j!`` for ``j = 0..order``, each ``[N, ...]``.
 
-    ``x0``, ``v``: ``[N, ...]``, ``sigma``: ``[N]``; ``N`` is a multiple of the user's
-    batch ``batch`` (stacked copies; kwargs tiled accordingly).
+    ``x0``, ``v``: ``[N, ...]``, ``sigma``: ``[N]``; ``N = reps · batch`` rows, ``reps``
+    copies of the user's batch (``x0`` and ``sigma`` repeated, ``v`` the directions).
+    For k = 1 the score is evaluated once on the ``batch`` rows and the ``reps`` tangents
+    go through one ``jvp`` vmapped over tangents (the primal is not recomputed per
+    direction); an op without a vmap batching rule falls back to the stacked rows.
     """
-    kw = repeat_rows(kwargs, batch, x0.shape[0] // batch)
+    reps = x0.shape[0] // batch
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # autocast: reduce in >= float32
+    if order == 1 and reps > 1:
+        x1, s1 = x0[:batch], sigma[:batch]
+
+        def f1(y: Tensor) -> Tensor:
+            return score_fn(y, s1, **kwargs)
+
+        tangents = v.reshape(reps, batch, *x0.shape[1:])  # [reps*B, ...] -> [reps, B, ...]
+        try:
+            # the primal does not depend on the tangent: unbatched out of the vmap, computed once
+            t0, t1 = vmap(lambda u: jvp(f1, (x1,), (u,)), out_dims=(None, 0))(tangents)
+        except RuntimeError as exc:
+            if not _is_vmap_unsupported(exc):
+                raise
+        else:
+            if t0.shape != x1.shape:
+                raise VarRedError(
+                    f"score_fn: expected an output of the input's shape {shape_str(x1)}, "
+                    f"got {shape_str(t0)}"
+                )
+            t0 = t0.to(dtype).repeat(reps, *([1] * (t0.ndim - 1)))
+            return [t0, t1.reshape(v.shape).to(dtype)]
+    kw = repeat_rows(kwargs, batch, reps)
 
     def f(y: Tensor) -> Tensor:
         return score_fn(y, sigma, **kw)
@@ -76,7 +109,6 @@ def _terms(
         raise VarRedError(
             f"score_fn: expected an output of the input's shape {shape_str(x0)}, got {shape_str(raw[0])}"
         )
-    dtype = torch.promote_types(x0.dtype, torch.float32)  # autocast: reduce in >= float32
     return [r.to(dtype) / math.factorial(j) for j, r in enumerate(raw)]
 
 

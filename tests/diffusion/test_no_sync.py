@@ -5,12 +5,10 @@ On CPU a "host sync" is any conversion of a tensor to a Python value; during the
 and ``numpy`` raise, so the step completes only if it never branches on a tensor's value.
 On CUDA ``torch.cuda.set_sync_debug_mode("error")`` does the same for real syncs.
 
-Findings (see docs/scaling.md): ``GradientControl(validate=False)`` and ``ControlledDSM``
-with k = 0 never read a tensor value on the host; on CUDA k = 0 still makes one blocking
-host-to-device copy (``torch.as_tensor(1.0, device=...)`` for the default α, measured with
-``set_sync_debug_mode`` on an H100). k ≥ 1 is not sync-free, because ``dsm_taylor_cv`` always validates its
-inputs (``check_finite(x)``, ``check_finite(sigma)``, ``bool((sig <= 0).any())``) and
-``ControlledDSM.losses_and_controls`` calls ``dsm_loss`` with ``validate=True``.
+Findings (see docs/scaling.md): ``GradientControl(validate=False)`` and the controlled step
+with ``validate=False`` (any k, running / per-sample / fixed β, joint group forward) never
+read a tensor value on the host; the split group forward reads the bin sizes once per step
+by design; ``validate=True`` syncs for its checks (tested below).
 """
 
 from __future__ import annotations
