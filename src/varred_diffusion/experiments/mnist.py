@@ -31,6 +31,7 @@ from varred_diffusion.experiments.io import (
     write_markdown,
 )
 from varred_diffusion.experiments.plots import band_plot, image_grid, ratio_lines
+from varred_diffusion.experiments.problem import Problem
 
 __all__ = ["MnistSettings", "mnist_problem", "reverse_sde_sample", "run_mnist"]
 
@@ -262,10 +263,8 @@ def run_mnist(ctx: Context) -> dict[str, Any]:
     return results
 
 
-def mnist_problem(ctx: Context) -> Any:
+def mnist_problem(ctx: Context) -> Problem:
     """The leaderboard's MNIST problem: a briefly trained ``SmallUNet`` at fixed θ."""
-    from varred_diffusion.experiments.leaderboard import Problem
-
     s = _settings(ctx)
     images = _data(ctx, s)
     steps = 3 if ctx.quick else 100
