@@ -112,3 +112,17 @@ def test_antithetic_pairs_carry_an_inner_control() -> None:
     )
     with pytest.raises(ValueError, match="control: expected a control part"):
         AntitheticPairs(control=3)
+
+
+def test_off_cpu_path_times_a_step_on_cpu_drawn_batches(tmp_path) -> None:
+    # "cpu:0" takes the non-CPU branch (batches drawn on the CPU, then moved) without a GPU
+    p = _problem()
+    p.device = "cpu:0"
+    ctx = Context(out=tmp_path, quick=True, progress=False)
+    rows = [(n, r) for n, r in leaderboard_recipes(p) if design_name(r) in ("iid", "importance")]
+    rows = [rows[0], *[(n, r) for n, r in rows if design_name(r) == "importance"][:2]]
+    out = leaderboard_rows(ctx, p, rows)
+    p.device = "cpu"
+    ref = leaderboard_rows(ctx, p, rows)
+    assert [r["variance"] for r in out] == [r["variance"] for r in ref]
+    assert all(r["step_time_ratio"] > 0 for r in out)

@@ -165,13 +165,22 @@ def _measure(ctx: Context, p: Problem, group: list[Recipe]) -> _Pass:
 
 
 def _step_time(p: Problem, recipe: Recipe) -> float:
-    """Median seconds of one real step of the recipe (sampling, loss, control, ``p.grad``)."""
+    """Median seconds of one real step of the recipe (sampling, loss, control, ``p.grad``).
+
+    On the CPU the step draws σ and ε itself (``step(x, generator=g)``). Elsewhere the
+    samplers' CPU draws and a device generator for ε cannot share one generator, so the
+    batch is drawn on the CPU as in the moment passes and the step gets ``(x, σ, ε)``.
+    """
     m = copy.deepcopy(p.model)
     step = recipe.build(lambda a, b: m(a, b), m.parameters())
-    g, gx = torch.Generator(device=p.device).manual_seed(0), torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(0)
 
     def call() -> None:
-        step(p.sample_x(p.batch, gx).to(p.device), generator=g)
+        if p.device == "cpu":
+            step(p.sample_x(p.batch, g), generator=g)
+        else:
+            batch = _draw(p, step, g)
+            step(batch.x, batch.sigma, batch.noise)
 
     return time_per_call(call, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0)
 
