@@ -192,6 +192,7 @@ def gradient_variance_ratio(
         raise VarRedError("bins: kind 'bin' needs a SigmaBins-like object, got None")
     blocks = resolve_num_blocks(num_blocks, num_eval)
     if loss_fn is None or control_fn is None:
+
         def default_loss(score_fn, x, sigma, noise):  # type: ignore[no-untyped-def]
             return dsm_loss(score_fn, x, sigma, noise, validate=False)
 
