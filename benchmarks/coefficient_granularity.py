@@ -1,6 +1,6 @@
 """Running-β granularity in a real training loop: which coefficient layout pays, and when.
 
-Trains a small MLP score model on the 8-Gaussian ring with ``ControlledDSM`` (C^0,
+Trains a small MLP score model on the 8-Gaussian ring with a ``vd.Recipe`` step (C^0,
 σ log-uniform in [1e-3, 10], Adam) for each granularity (scalar / per-tensor /
 per-element, and per-element shrunk toward per-tensor β with ``shrinkage`` κ) with and
 without 8 log-σ bins, and prints ``GradientControl``'s running
@@ -17,6 +17,7 @@ import argparse
 import torch
 
 import varred_diffusion as vd
+from varred.layout import CoefficientLayout
 
 
 def run(
@@ -31,11 +32,11 @@ def run(
     data = vd.ring8()
     model = vd.MLPScore(2, width=64, depth=2, generator=torch.Generator().manual_seed(2 * seed + 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = vd.ControlledDSM(
-        model, model.parameters(), order=0, granularity=granularity,
-        bins=vd.SigmaBins(1e-3, 10.0, 8) if bins else None,
-        control_kwargs={"shrinkage": shrinkage},
-    )  # fmt: skip
+    groups = vd.SigmaBins(1e-3, 10.0, 8) if bins else 1
+    layout = CoefficientLayout(granularity, groups, shrinkage)
+    step = vd.Recipe(control=vd.TaylorControl(order=0), layout=layout).build(
+        model, model.parameters()
+    )
     out = []
     for i in range(steps):
         x = data.sample(128, g).float()

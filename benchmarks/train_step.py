@@ -1,4 +1,4 @@
-"""Cost of one ControlledDSM training step relative to a plain DSM step (same run).
+"""Cost of one recipe training step (``Recipe.build``) relative to plain DSM (same run).
 
 ``SmallUNet`` on MNIST-sized inputs ``[B, 1, 28, 28]``; orders k = 0, 1, 2 × coefficient
 granularity scalar / per-tensor / per-element / per-element-per-σ-bin (running β).
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from varred_diffusion import ControlledDSM, SigmaBins, dsm_loss
+from varred.layout import CoefficientLayout
+from varred_diffusion import Recipe, SigmaBins, TaylorControl, dsm_loss
 from varred_diffusion.models import SmallUNet
 
 TARGETS = {"time_k0_element": 2.2, "time_k1": 3.5, "memory_k0": 2.5}
@@ -57,6 +58,14 @@ class Config:
         if self.binned:
             g += " split" if self.split else " joint"
         return f"k={self.order} {g}" + (" (stacked)" if self.stack and self.order == 0 else "")
+
+    def recipe(self) -> Recipe:
+        """The benchmarked recipe: C^k (auto means) with this coefficient layout (running β)."""
+        groups = SigmaBins(2e-3, 3.0, 8) if self.binned else 1
+        forward = "split" if self.split else "joint"
+        control = TaylorControl(order=self.order or 0, group_forward=forward, stack=self.stack)
+        return Recipe(control=control, layout=CoefficientLayout(self.granularity, groups),
+                      name=self.name)  # fmt: skip
 
 
 def configs(orders: list[int]) -> list[Config]:
@@ -94,17 +103,7 @@ def _stepper(cfg: Config, model: SmallUNet, device: str):
             dsm_loss(model, x, sigma, eps, validate=False).mean().backward()
 
         return plain
-    ctrl = ControlledDSM(
-        model,
-        model.parameters(),
-        order=cfg.order,
-        granularity=cfg.granularity,
-        bins=SigmaBins(2e-3, 3.0, 8) if cfg.binned else None,
-        expectation="auto",
-        stack=cfg.stack,
-        group_forward="split" if cfg.split else "joint",
-        control_kwargs={"validate": False},
-    )
+    ctrl = cfg.recipe().build(model, model.parameters(), validate=False)  # sync-free step
     gen = torch.Generator(device=device).manual_seed(1)
 
     def controlled(x: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> None:

@@ -107,12 +107,43 @@ class AntitheticPairs:
     """Antithetic noise: rows ``i`` and ``i + B/2`` share ``x`` and σ and get ``ε``, ``−ε``.
 
     The first half of the given batch is paired with itself (``B/2`` distinct images per
-    step of ``B`` rows), so every odd power of ε cancels within a pair; no coefficient is
-    fitted. Cost: half the distinct images per step. Noise given to the step is used as is
-    (then it must already be antithetic for this part to mean anything).
+    step of ``B`` rows), so every odd power of ε cancels within a pair. Alone it fits no
+    coefficient; with an inner ``control`` (e.g. ``AntitheticPairs(TaylorControl(order=0))``)
+    the pairs carry that control's values and coefficients too. Cost: half the distinct
+    images per step. Noise given to the step is used as is (then it must already be
+    antithetic for this part to mean anything).
+
+    Args:
+        control: a control part whose values the paired batch carries, or ``None``.
     """
 
-    needs_coefficients = False
+    control: Any = None
+
+    def __post_init__(self) -> None:
+        if self.control is not None and not callable(getattr(self.control, "values", None)):
+            raise VarRedError(
+                f"control: expected a control part with values(...), got "
+                f"{type(self.control).__name__}"
+            )
+        if callable(getattr(self.control, "pair", None)):
+            raise VarRedError("control: AntitheticPairs inside AntitheticPairs pairs twice")
+
+    @property
+    def needs_coefficients(self) -> bool:
+        """Whether the inner control fits coefficients (``False`` without one)."""
+        return self.control is not None and getattr(self.control, "needs_coefficients", True)
+
+    @property
+    def requires_finite_data(self) -> bool:
+        return bool(getattr(self.control, "requires_finite_data", False))
+
+    @property
+    def group_forward(self) -> str:
+        return str(getattr(self.control, "group_forward", "joint"))
+
+    @property
+    def stack(self) -> bool:
+        return bool(getattr(self.control, "stack", False))
 
     def pair(self, x: Tensor, sigma: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x`` ``[B, ...]`` → ``[x[:B/2]; x[:B/2]]`` and σ likewise (σ ``None`` stays)."""
@@ -131,6 +162,19 @@ class AntitheticPairs:
             x.shape[0], tuple(x.shape[1:]), generator, dtype=x.dtype, device=x.device
         )
 
-    def values(self, *args: Any, **kwargs: Any) -> None:
-        """No control values: the pairing itself reduces the variance."""
-        return None
+    def values(
+        self,
+        score_fn: Callable[..., Tensor],
+        batch: Batch,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | None:
+        """The inner control's values ``[B]`` on the paired batch (``None`` without one)."""
+        if self.control is None:
+            return None
+        return self.control.values(score_fn, batch, generator)
+
+    def stacked_forward(
+        self, score_fn: Callable[..., Tensor], batch: Batch
+    ) -> tuple[Tensor, Tensor]:
+        """The inner control's stacked forward (``stack=True`` inner controls only)."""
+        return self.control.stacked_forward(score_fn, batch)

@@ -44,6 +44,8 @@ from varred_diffusion.gradient_moments import (
     weighted_gradients,
 )
 from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
+from varred_diffusion.losses import dsm_loss
+from varred_diffusion.taylor_cv import dsm_taylor_cv
 
 __all__ = [
     "COEFFICIENT_KINDS",
@@ -190,8 +192,6 @@ def gradient_variance_ratio(
         raise VarRedError("bins: kind 'bin' needs a SigmaBins-like object, got None")
     blocks = resolve_num_blocks(num_blocks, num_eval)
     if loss_fn is None or control_fn is None:
-        from varred_diffusion.losses import dsm_loss
-        from varred_diffusion.taylor_cv import dsm_taylor_cv
 
         def default_loss(score_fn, x, sigma, noise):  # type: ignore[no-untyped-def]
             return dsm_loss(score_fn, x, sigma, noise, validate=False)

@@ -103,7 +103,7 @@ def _complete(path: Path) -> None:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    # the toy trains with ControlledDSM: the checkpoint must carry the running β statistics
+    # the toy trains with the C^0 recipe step: the checkpoint must carry the running β statistics
     args = ["toy", "--quick", "--no-progress", "--steps", "16", "--checkpoint-every", "2"]
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -26,6 +26,7 @@ from varred_diffusion.experiments.io import (
     save_checkpoint,
     set_generator_states,
 )
+from varred_diffusion.losses import dsm_loss
 
 __all__ = ["Context", "TrainJob", "run_job", "seeded_generator"]
 
@@ -217,13 +218,11 @@ def optimizer_step(
     noise: torch.Tensor,
     **helper_kwargs: Any,
 ) -> dict[str, float]:
-    """One training step: ``helper`` (a ``ControlledDSM``) fills ``.grad``, or plain DSM if None.
+    """One training step: ``helper`` (a ``TrainingStep``) fills ``.grad``, or plain DSM if None.
 
     Returns:
         ``{"loss": mean DSM loss of the batch}`` (one host sync, for the curves).
     """
-    from varred_diffusion.losses import dsm_loss
-
     optimizer.zero_grad(set_to_none=True)
     if helper is not None:
         loss = float(helper(x, sigma, noise, **helper_kwargs)["loss"])

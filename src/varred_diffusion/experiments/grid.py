@@ -27,6 +27,7 @@ from varred_diffusion.experiments.io import (
 )
 from varred_diffusion.experiments.plots import grid_heatmap
 from varred_diffusion.experiments.toysetup import ToyConfig, build_toy_job, variance_ratios
+from varred_diffusion.models import parameter_count
 
 __all__ = ["GridSettings", "run_grid"]
 
@@ -60,8 +61,6 @@ def _settings(ctx: Context) -> tuple[GridSettings, ToyConfig]:
 
 def run_grid(ctx: Context) -> dict[str, Any]:
     """Train and measure every cell; write the heatmap, tables and summary."""
-    from varred_diffusion.models import parameter_count
-
     t0 = time.perf_counter()
     s, base = _settings(ctx)
     rows: list[dict[str, Any]] = []

@@ -1,16 +1,18 @@
-"""``varred-repro leaderboard``: every variance-reduction technique through one harness.
+"""``varred-repro leaderboard``: every variance-reduction recipe through one harness.
 
-At a fixed θ (a briefly trained model) and batch size ``B``, each technique defines a
-minibatch gradient estimator. Its variance ``tr Cov[ĝ_B]`` is measured over independent
-batches (β fitted on other batches), relative to the plain estimator (i.i.d. log-uniform
-σ, i.i.d. ε, no control). Techniques: C^0/C^1/C^2 control variates × β scalar /
-per-element / per-σ-bin, antithetic noise (ε, −ε), stratified and low-discrepancy σ,
-importance-sampled σ, and combinations. The step-time ratio comes from timing one training
-step of each technique in the same run; efficiency = (Var_plain · t_plain)/(Var · t).
+At a fixed θ (a briefly trained model) and batch size ``B``, each row of
+``techniques.leaderboard_recipes`` (a ``(name, Recipe)``) defines a minibatch gradient
+estimator. Batches come from the recipe's own parts: ``step.prepare(x, generator=g)`` (the
+sampler draws σ and its weights, antithetic pairs pair rows), ``step.losses``,
+``step.controls``. Its variance ``tr Cov[ĝ_B]`` is measured over independent batches (β
+fitted on other batches, by the kind the recipe's layout names), relative to the first
+row, plain DSM. Rows that share a sampler and a control share one moment pass. The step
+time of each row is that of a real ``recipe.build(...)`` step in the same run; efficiency
+= (Var_plain · t_plain)/(Var · t). Adaptive samplers are warmed at θ with plain losses first.
 Standard errors: each variance gets a delete-one-block jackknife SE over its evaluation
-batches (given the fitted β); a technique's batches are independent of the plain
-baseline's, so the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method
-for a ratio of independent estimates); the baseline row is 1 by construction (SE 0).
+batches (given the fitted β); a row's batches are independent of the plain baseline's, so
+the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method for a ratio of
+independent estimates); the baseline row is 1 by construction (SE 0).
 Problems: the 2-D toy (``MLPScore``) and MNIST (``SmallUNet``; skipped with a note when no
 IDX data is found).
 """
@@ -20,13 +22,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from varred.errors import VarRedError
+from varred_diffusion.batch import Batch
 from varred_diffusion.diagnostics import (
     GradientMoments,
     controlled_variance,
@@ -37,131 +39,89 @@ from varred_diffusion.diagnostics import (
 )
 from varred_diffusion.experiments.common import Context, run_job
 from varred_diffusion.experiments.io import plus_minus, write_csv, write_json, write_markdown
+from varred_diffusion.experiments.mnist import mnist_problem
+from varred_diffusion.experiments.problem import Problem
+from varred_diffusion.experiments.techniques import (
+    BETA_NAMES,
+    QUICK_TECHNIQUES,
+    beta_kind,
+    control_order,
+    design_name,
+    is_adaptive,
+    leaderboard_recipes,
+)
 from varred_diffusion.experiments.toysetup import ToyConfig, build_toy_job, make_mixture
 from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
+from varred_diffusion.recipe import Recipe
+from varred_diffusion.sampling import LogUniformSigma
+from varred_diffusion.training_step import TrainingStep
 
-__all__ = ["DESIGNS", "Problem", "run_leaderboard"]
+__all__ = ["leaderboard_rows", "run_leaderboard", "toy_problem"]
 
 Tensor = torch.Tensor
-DESIGNS = (
-    "iid",
-    "antithetic",
-    "stratified",
-    "low_discrepancy",
-    "importance",
-    "stratified+antithetic",
-)
-KIND_NAMES = {
-    "scalar": "scalar β",
-    "element": "per-element β",
-    "bin": "per-σ-bin β",
-    "unit": "β = 1",
-}
+Row = tuple[str, Recipe]
 
 
 @dataclass
-class Problem:
-    """A model at fixed θ and its data: ``sample_x(n, generator) -> [n, ...]`` (CPU)."""
+class _Pass:
+    """One moment pass shared by the rows with the same sampler and control."""
 
-    name: str
-    model: torch.nn.Module
-    sample_x: Callable[[int, torch.Generator], Tensor]
-    sigma_min: float
-    sigma_max: float
-    dtype: torch.dtype
-    batch: int
-    orders: tuple[int, ...]
-    units: int
-    units_high: int
-    num_bins: int = 4
-    expectation: str = "auto"
-    timing_repeats: int = 5
-    device: str = "cpu"
+    variances: dict[str, float]
+    stderrs: dict[str, float]
 
 
-def _design_batch(
-    p: Problem, design: str, g: torch.Generator, sampler: Any
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One batch ``(x, sigma, noise, weights)`` of ``design``; weights average to the mean."""
-    from varred_diffusion.sampling import (
-        antithetic_noise,
-        log_uniform_sigma,
-        low_discrepancy_uniform,
-        stratified_uniform,
-    )
-
-    b = p.batch
-    anti = "antithetic" in design
-    n = b // 2 if anti else b
-    x = p.sample_x(n, g)
-    w = torch.full((b,), 1.0 / b, dtype=p.dtype)
-    if design.startswith("stratified"):
-        u = stratified_uniform(n, g, dtype=p.dtype)
-    elif design == "low_discrepancy":
-        u = low_discrepancy_uniform(n, g, dtype=p.dtype)
-    elif design == "importance":
-        sigma, iw = sampler.sample(n, g, dtype=p.dtype)
-        w = iw / b
-        u = None
-    else:
-        u = torch.rand(n, generator=g, dtype=p.dtype)
-    if u is not None:
-        sigma = log_uniform_sigma(u, p.sigma_min, p.sigma_max).to(p.dtype)
-    if anti:
-        x, sigma = torch.cat([x, x]), torch.cat([sigma, sigma])  # pair i with i + B/2
-        noise = antithetic_noise(b, tuple(x.shape[1:]), g, dtype=p.dtype)
-    else:
-        noise = torch.randn(x.shape, generator=g, dtype=p.dtype)
-    return tuple(t.to(p.device) for t in (x, sigma, noise, w))  # type: ignore[return-value]
+def _params(p: Problem) -> list[torch.nn.Parameter]:
+    return [q for q in p.model.parameters() if q.requires_grad]
 
 
-def _warm_importance(p: Problem, g: torch.Generator) -> Any:
-    """An ``ImportanceSigmaSampler`` fed with plain losses at θ until warmed up."""
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.sampling import ImportanceSigmaSampler
+def _step(p: Problem, recipe: Recipe) -> TrainingStep:
+    """The recipe's step at θ (no validation: the harness draws well-formed batches)."""
+    return recipe.build(lambda a, b: p.model(a, b), _params(p), validate=False)
 
-    sampler = ImportanceSigmaSampler(p.num_bins, p.sigma_min, p.sigma_max)
-    for _ in range(200):
-        if sampler.warmed_up():
-            break
-        x, s, e, _ = _design_batch(p, "iid", g, None)
-        with torch.no_grad():
-            losses = dsm_loss(lambda a, b: p.model(a, b), x, s, e, validate=False)
-            sampler.update(s.cpu(), losses.cpu())
-    return sampler
+
+def _draw(p: Problem, step: TrainingStep, g: torch.Generator) -> Batch:
+    """One batch of the step's recipe, drawn on the CPU from ``g`` and moved to the device.
+
+    Paired recipes keep the first ``B/2`` images of ``x`` (each is paired with itself), so
+    only those are drawn.
+    """
+    pairs = callable(getattr(step.control, "pair", None))
+    x = p.sample_x(p.batch // 2 if pairs else p.batch, g)
+    batch = step.prepare(torch.cat([x, x]) if pairs else x, generator=g)
+    if p.device == "cpu":
+        return batch
+    moved = {k: getattr(batch, k) for k in ("x", "sigma", "noise", "alpha", "lam", "weight")}
+    return replace(batch, **{k: v if v is None else v.to(p.device) for k, v in moved.items()})
+
+
+def _unit_weights(batch: Batch) -> Tensor:
+    """Weights ``w_i / B`` ``[B]`` of the batch mean (``w`` = the sampler's importance weights)."""
+    b = batch.size
+    w = torch.ones(b, dtype=batch.x.dtype) if batch.weight is None else batch.weight.cpu()
+    return (w / b).to(batch.x.device)
 
 
 def _moments(
-    p: Problem,
-    design: str,
-    order: int | None,
-    units: int,
-    g: torch.Generator,
-    sampler: Any,
+    p: Problem, step: TrainingStep, units: int, g: torch.Generator, bins: Any,
     sums: BlockSums | None = None,
-) -> GradientMoments:
-    from varred_diffusion.bins import SigmaBins
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.taylor_cv import dsm_taylor_cv
-
-    bins = SigmaBins(p.sigma_min, p.sigma_max, p.num_bins)
-    params = [q for q in p.model.parameters() if q.requires_grad]
-    mom = GradientMoments(sum(q.numel() for q in params), p.num_bins)
-
-    def sf(a: Tensor, b: Tensor) -> Tensor:
-        return p.model(a, b)
-
+) -> GradientMoments:  # fmt: skip
+    """Unit-gradient moments of ``units`` batches (controls binned by ``bins``, if any)."""
+    params = _params(p)
+    nb = 1 if bins is None else int(bins.num_bins)
+    mom = GradientMoments(sum(q.numel() for q in params), nb)
+    controlled = step.coefficients is not None
     for _ in range(units):
-        x, s, e, w = _design_batch(p, design, g, sampler)
-        losses = dsm_loss(sf, x, s, e, validate=False)
-        if order is None:
-            gl, _ = unit_gradients(losses, None, params, None, p.num_bins, w)
+        batch = _draw(p, step, g)
+        losses, w = step.losses(batch), _unit_weights(batch)
+        if not controlled:
+            gl, _ = unit_gradients(losses, None, params, None, nb, w)
             mom.update(gl[None])
             if sums is not None:
                 sums.update(gl[None])
             continue
-        c = dsm_taylor_cv(sf, x, s, e, order=order, expectation=p.expectation, generator=g)
-        gl, h = unit_gradients(losses, c, params, bins.index(s), p.num_bins, w)
+        c = step.controls(batch, generator=g)
+        idx = None if bins is None else bins.index(batch.sigma)
+        gl, h = unit_gradients(losses, c, params, idx, nb, w)
         mom.update(gl[None], h[None])
         if sums is not None:
             sums.update(gl[None], h[None])
@@ -173,8 +133,7 @@ def _block_sums(p: Problem, betas: list[Tensor | None], units: int) -> BlockSums
     blocks = resolve_num_blocks(None, units)
     if blocks is None:
         return None
-    num_params = sum(q.numel() for q in p.model.parameters() if q.requires_grad)
-    return BlockSums(betas, num_params, units, blocks)
+    return BlockSums(betas, sum(q.numel() for q in _params(p)), units, blocks)
 
 
 def _stderrs(sums: BlockSums | None, columns: int) -> list[float]:
@@ -184,87 +143,111 @@ def _stderrs(sums: BlockSums | None, columns: int) -> list[float]:
     return [jackknife_stderr(loo) for loo in sums.leave_one_out()]
 
 
-def _step_time(p: Problem, design: str, order: int | None, kind: str | None, sampler: Any) -> float:
-    """Median seconds of one training step (sampling + loss + gradient) of a technique."""
-    from varred_diffusion.bins import SigmaBins
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.training import ControlledDSM
+def _measure(ctx: Context, p: Problem, group: list[Recipe]) -> _Pass:
+    """Variance and its SE of every β kind of ``group`` (one sampler, one control)."""
+    first = group[0]
+    step, order = _step(p, first), control_order(first)
+    g = ctx.generator(p.name, design_name(first), order)
+    units = p.units if order is None or order == 0 else p.units_high
+    if order is None:
+        sums = _block_sums(p, [None], units)
+        var = controlled_variance(_moments(p, step, units, g, None, sums))
+        (se,) = _stderrs(sums, 1)
+        return _Pass({"-": var}, {"-": se})
+    kinds = dict(beta_kind(r) for r in group)  # kind -> σ bins ("bin") or None
+    bins = next((b for b in kinds.values() if b is not None), None)
+    fit = _moments(p, step, units, g, bins)
+    betas = fit_coefficients(fit, tuple(kinds))  # no randomness
+    sums = _block_sums(p, list(betas.values()), units)
+    ev = _moments(p, step, units, g, bins, sums)
+    var = {k: controlled_variance(ev, b) for k, b in betas.items()}
+    return _Pass(var, dict(zip(betas, _stderrs(sums, len(betas)))))
 
+
+def _step_time(p: Problem, recipe: Recipe) -> float:
+    """Median seconds of one real step of the recipe (sampling, loss, control, ``p.grad``).
+
+    On the CPU the step draws σ and ε itself (``step(x, generator=g)``). Elsewhere the
+    samplers' CPU draws and a device generator for ε cannot share one generator, so the
+    batch is drawn on the CPU as in the moment passes and the step gets ``(x, σ, ε)``.
+    """
     m = copy.deepcopy(p.model)
+    step = recipe.build(lambda a, b: m(a, b), m.parameters())
     g = torch.Generator().manual_seed(0)
 
-    def sf(a: Tensor, b: Tensor) -> Tensor:
-        return m(a, b)
-
-    helper = None
-    if order is not None:
-        gran = {"scalar": "scalar", "element": "element", "bin": "element", "unit": "scalar"}[
-            kind or "element"
-        ]
-        bins = SigmaBins(p.sigma_min, p.sigma_max, p.num_bins) if kind == "bin" else None
-        coef: Any = 1.0 if kind == "unit" else "running"
-        helper = ControlledDSM(sf, m.parameters(), order=order, granularity=gran, bins=bins,
-                               coefficient=coef, expectation=p.expectation)  # fmt: skip
-
-    def step() -> None:
-        x, s, e, w = _design_batch(p, design, g, sampler)
-        if helper is None:
-            m.zero_grad(set_to_none=True)
-            (dsm_loss(sf, x, s, e, validate=False) * w).sum().backward()
+    def call() -> None:
+        if p.device == "cpu":
+            step(p.sample_x(p.batch, g), generator=g)
         else:
-            helper(x, s, e, generator=g)  # importance weights: folded into the loss in practice
+            batch = _draw(p, step, g)
+            step(batch.x, batch.sigma, batch.noise)
 
-    return time_per_call(step, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0)
-
-
-TECHNIQUES: tuple[tuple[str, int | None], ...] = (
-    ("iid", None), ("antithetic", None), ("stratified", None), ("low_discrepancy", None),
-    ("importance", None), ("stratified+antithetic", None),
-    ("iid", 0), ("iid", 1), ("iid", 2),
-    ("antithetic", 0), ("stratified", 0), ("importance", 0), ("stratified+antithetic", 0),
-)  # fmt: skip
+    return time_per_call(call, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0)
 
 
-QUICK_TECHNIQUES = (
-    ("iid", None), ("antithetic", None), ("stratified", None), ("importance", None),
-    ("iid", 0), ("stratified+antithetic", 0), ("iid", 1),
-)  # fmt: skip
+def _warm(ctx: Context, p: Problem, rows: list[Row]) -> list[Row]:
+    """The rows with each adaptive sampler replaced by a copy fed plain losses at θ."""
+    plain = _step(p, Recipe(sampler=LogUniformSigma(p.sigma_min, p.sigma_max)))
+    warmed: dict[int, Any] = {}
+    out = []
+    for name, r in rows:
+        if is_adaptive(r.sampler) and id(r.sampler) not in warmed:
+            sampler, g = copy.deepcopy(r.sampler), ctx.generator(p.name, design_name(r))
+            for _ in range(200):
+                if sampler.warmed_up():
+                    break
+                batch = _draw(p, plain, g)
+                with torch.no_grad():
+                    sampler.update(batch.sigma.cpu(), plain.losses(batch).cpu())
+            warmed[id(r.sampler)] = sampler
+        out.append(
+            (name, replace(r, sampler=warmed[id(r.sampler)]) if is_adaptive(r.sampler) else r)
+        )
+    return out
 
 
-def leaderboard_rows(ctx: Context, p: Problem) -> list[dict[str, Any]]:
-    """Measure every technique on problem ``p``; one row per (design, control, β kind)."""
-    sampler = _warm_importance(p, ctx.generator(p.name, "importance"))
-    rows: list[dict[str, Any]] = []
+def leaderboard_rows(
+    ctx: Context, p: Problem, rows: list[Row] | None = None
+) -> list[dict[str, Any]]:
+    """Measure every row on problem ``p``: one table row per ``(name, Recipe)``.
+
+    Args:
+        ctx: experiment context (seed; ``quick`` keeps ``QUICK_TECHNIQUES`` of the default rows).
+        p: the problem at fixed θ.
+        rows: ``(name, Recipe)`` rows, the plain reference first; default
+            ``leaderboard_recipes(p)``.
+
+    Raises:
+        VarRedError: a first row with a control (it must be the plain reference).
+    """
+    if rows is None:
+        rows = leaderboard_recipes(p)
+        if ctx.quick:
+            rows = [r for r in rows if (design_name(r[1]), control_order(r[1])) in QUICK_TECHNIQUES]
+    if not rows or rows[0][1].control is not None:
+        raise VarRedError("rows: expected the plain reference (no control) as the first row")
+    rows = _warm(ctx, p, rows)
+    passes: dict[tuple[str, str], _Pass] = {}
+    out: list[dict[str, Any]] = []
     base: dict[str, float] = {}
-    chosen = QUICK_TECHNIQUES if ctx.quick else TECHNIQUES
-    techniques = [(d, k) for d, k in chosen if k is None or k in p.orders]
-    for design, order in ctx.bar(techniques, total=len(techniques), desc=f"leaderboard {p.name}"):
-        units = p.units if (order is None or order == 0) else p.units_high
-        g = ctx.generator(p.name, design, order)
-        if order is None:
-            sums = _block_sums(p, [None], units)
-            ev = _moments(p, design, None, units, g, sampler, sums)
-            var = controlled_variance(ev)
-            (var_se,) = _stderrs(sums, 1)
-            if design == "iid":
-                base["var"], base["se"] = var, var_se
-                base["t"] = _step_time(p, "iid", None, None, sampler)
-            t = base["t"] if design == "iid" else _step_time(p, design, None, None, sampler)
-            rows.append(_row(p, design, "none", "-", var, var_se, t, base, design == "iid"))
-            continue
-        fit = _moments(p, design, order, units, g, sampler)
-        betas = fit_coefficients(fit, ("unit", "scalar", "element", "bin"))  # no randomness
-        sums = _block_sums(p, list(betas.values()), units)
-        ev = _moments(p, design, order, units, g, sampler, sums)
-        for (kind, beta), var_se in zip(betas.items(), _stderrs(sums, len(betas))):
-            var = controlled_variance(ev, beta)
-            t = _step_time(p, design, order, kind, sampler)
-            rows.append(_row(p, design, f"C{order}", kind, var, var_se, t, base))
-    return rows
+    for i, (name, recipe) in enumerate(
+        ctx.bar(rows, total=len(rows), desc=f"leaderboard {p.name}")
+    ):
+        key = (repr(recipe.sampler), repr(recipe.control))
+        if key not in passes:
+            group = [r for _, r in rows if (repr(r.sampler), repr(r.control)) == key]
+            passes[key] = _measure(ctx, p, group)
+        kind = "-" if control_order(recipe) is None else beta_kind(recipe)[0]
+        var, var_se = passes[key].variances[kind], passes[key].stderrs[kind]
+        t = _step_time(p, recipe)
+        if i == 0:
+            base.update(var=var, se=var_se, t=t)
+        out.append(_row(p, name, recipe, kind, var, var_se, t, base, i == 0))
+    return out
 
 
 def _row(
-    p: Problem, design: str, control: str, kind: str, var: float, var_se: float, t: float,
+    p: Problem, name: str, recipe: Recipe, kind: str, var: float, var_se: float, t: float,
     base: dict, is_base: bool = False,
 ) -> dict:  # fmt: skip
     ratio = var / base["var"] if base["var"] > 0 else math.nan
@@ -273,15 +256,18 @@ def _row(
     else:  # independent batches: delta method for a ratio of independent estimates
         ratio_se = abs(ratio) * math.hypot(var_se / var if var > 0 else math.nan,
                                            base["se"] / base["var"])  # fmt: skip
+    order = control_order(recipe)
     return {
-        "problem": p.name, "design": design, "control": control, "beta": kind,
+        "problem": p.name, "design": design_name(recipe),
+        "control": "none" if order is None else f"C{order}", "beta": kind,
         "variance": var, "variance_ratio": ratio,
         "step_time_ratio": t / base["t"], "efficiency": efficiency(base["var"], base["t"], var, t),
-        "variance_se": var_se, "variance_ratio_se": ratio_se,
+        "variance_se": var_se, "variance_ratio_se": ratio_se, "recipe": recipe.name or name,
     }  # fmt: skip
 
 
-def _toy_problem(ctx: Context) -> Problem:
+def toy_problem(ctx: Context) -> Problem:
+    """The leaderboard's toy problem: ``MLPScore`` briefly trained on the 2-D mixture."""
     cfg = ToyConfig(dataset=str(ctx.extra.get("dataset", "ring8")), device=ctx.device)
     steps = 300
     if ctx.quick:
@@ -307,16 +293,14 @@ def _toy_problem(ctx: Context) -> Problem:
 def run_leaderboard(ctx: Context) -> dict[str, Any]:
     """Measure the toy (and MNIST when its data is found); write the table and summary."""
     t0 = time.perf_counter()
-    rows = leaderboard_rows(ctx, _toy_problem(ctx))
+    rows = leaderboard_rows(ctx, toy_problem(ctx))
     notes: list[str] = []
     try:
-        from varred_diffusion.experiments.mnist import mnist_problem
-
         rows += leaderboard_rows(ctx, mnist_problem(ctx))
     except VarRedError as exc:
         notes.append(f"MNIST skipped: {exc}")
     keep = ("problem", "design", "control", "beta", "variance", "variance_ratio", "variance_se",
-            "variance_ratio_se")  # fmt: skip
+            "variance_ratio_se", "recipe")  # fmt: skip
     det = [{k: v for k, v in r.items() if k in keep} for r in rows]
     write_json(ctx.out / "results.json", {"seed": ctx.seed, "rows": det, "notes": notes})
     write_csv(ctx.out / "leaderboard.csv", rows)
@@ -328,13 +312,13 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
              "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run. "
              "± is the standard error of the variance ratio (jackknife over evaluation batches, "
              "given the fitted β).", "",
-             "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency | recipe |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["problem"], -r["efficiency"])):
         lines.append(
-            f"| {r['problem']} | {r['design']} | {r['control']} | {KIND_NAMES.get(r['beta'], r['beta'])} | "
+            f"| {r['problem']} | {r['design']} | {r['control']} | {BETA_NAMES.get(r['beta'], r['beta'])} | "
             f"{plus_minus(r['variance_ratio'], r['variance_ratio_se'])} | "
-            f"{r['step_time_ratio']:.2f} | {r['efficiency']:.3g} |"
+            f"{r['step_time_ratio']:.2f} | {r['efficiency']:.3g} | {r['recipe']} |"
         )
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Wall time {elapsed:.1f} s."]
     write_markdown(ctx.out / "summary.md", "\n".join(lines))

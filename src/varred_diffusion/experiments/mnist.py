@@ -1,7 +1,7 @@
 """``varred-repro mnist``: figure 3 of Jeha et al. (2024) on real MNIST with ``SmallUNet``.
 
 Multi-σ DSM training (VE, σ log-uniform on [0.01, 10], λ = σ²) with and without the C^0
-gradient control (``ControlledDSM``, per-element running β per log-σ bin); the variance
+gradient control (the recipe's ``TrainingStep``: per-element running β per log-σ bin); the variance
 ratio of C^0 and C^1 (Hutchinson means; β fitted on independent draws) along the plain
 run; training and held-out DSM loss; a grid of samples from the reverse VE SDE
 (Euler–Maruyama; Song et al., 2021) after training. Images are scaled to [-1, 1].
@@ -20,6 +20,9 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
+from varred.layout import CoefficientLayout
+from varred_diffusion.bins import SigmaBins
+from varred_diffusion.controls import TaylorControl
 from varred_diffusion.diagnostics import gradient_variance_ratio
 from varred_diffusion.experiments.common import Context, TrainJob, optimizer_step, run_job
 from varred_diffusion.experiments.data import find_data_dir, find_split_files, load_images
@@ -31,8 +34,13 @@ from varred_diffusion.experiments.io import (
     write_markdown,
 )
 from varred_diffusion.experiments.plots import band_plot, image_grid, ratio_lines
+from varred_diffusion.experiments.problem import Problem
+from varred_diffusion.losses import dsm_loss
+from varred_diffusion.models import SmallUNet
+from varred_diffusion.recipe import Recipe
+from varred_diffusion.sampling import log_uniform_sigma
 
-__all__ = ["MnistSettings", "mnist_problem", "reverse_sde_sample", "run_mnist"]
+__all__ = ["MnistSettings", "control_recipe", "mnist_problem", "reverse_sde_sample", "run_mnist"]
 
 Tensor = torch.Tensor
 
@@ -78,24 +86,23 @@ def _data(ctx: Context, s: MnistSettings) -> Tensor:
 
 
 def _sigma(n: int, g: torch.Generator, s: MnistSettings) -> Tensor:
-    from varred_diffusion.sampling import log_uniform_sigma
-
     return log_uniform_sigma(torch.rand(n, generator=g), s.sigma_min, s.sigma_max)
 
 
 def _model(ctx: Context, s: MnistSettings, tag: object) -> torch.nn.Module:
-    from varred_diffusion.models import SmallUNet
-
     return SmallUNet(1, base=s.base, generator=ctx.generator("mnist-init", tag)).to(ctx.device)
+
+
+def control_recipe(s: MnistSettings) -> Recipe:
+    """The controlled MNIST step: C^0, running per-element β per log-σ bin."""
+    bins = SigmaBins(s.sigma_min, s.sigma_max, s.num_bins)
+    return Recipe(control=TaylorControl(order=0), layout=CoefficientLayout("element", groups=bins),
+                  name=f"C^0, per-element β per σ bin ({s.num_bins})")  # fmt: skip
 
 
 def _build(
     ctx: Context, s: MnistSettings, images: Tensor, controlled: bool, every: int
 ) -> TrainJob:
-    from varred_diffusion.bins import SigmaBins
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.training import ControlledDSM
-
     model = _model(ctx, s, 0)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     g = ctx.generator("mnist-data", controlled)
@@ -111,8 +118,7 @@ def _build(
     helper = None
     stateful: dict[str, Any] = {}
     if controlled:
-        helper = ControlledDSM(sf, model.parameters(), order=0,
-                               bins=SigmaBins(s.sigma_min, s.sigma_max, s.num_bins))  # fmt: skip
+        helper = control_recipe(s).build(sf, model.parameters())
         stateful["control"] = helper
 
     def step(i: int) -> dict[str, float]:
@@ -262,10 +268,8 @@ def run_mnist(ctx: Context) -> dict[str, Any]:
     return results
 
 
-def mnist_problem(ctx: Context) -> Any:
+def mnist_problem(ctx: Context) -> Problem:
     """The leaderboard's MNIST problem: a briefly trained ``SmallUNet`` at fixed θ."""
-    from varred_diffusion.experiments.leaderboard import Problem
-
     s = _settings(ctx)
     images = _data(ctx, s)
     steps = 3 if ctx.quick else 100

@@ -1,6 +1,6 @@
 """``varred-repro toy``: figures 1 and 2 of Jeha et al. (2024) on 2-D mixtures.
 
-Figure 1: DSM training with and without the C^0 gradient control (``ControlledDSM``, per-
+Figure 1: DSM training with and without the C^0 gradient control (``toysetup.control_recipe``, per-
 element running β, one β per log-σ bin) over several seeds: held-out DSM loss and exact
 σ²-weighted score error ``E σ²‖s_θ − ∇log p_σ‖²`` against the step (mean and min–max band).
 Figure 2: variance ratio and fitted β of C^0, C^1, C^2 against the training step (σ from
@@ -19,7 +19,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from varred_diffusion.diagnostics import efficiency
+from varred_diffusion.controls import TaylorControl
+from varred_diffusion.diagnostics import efficiency, time_per_call
 from varred_diffusion.experiments.common import Context, run_job
 from varred_diffusion.experiments.io import (
     plus_minus,
@@ -36,6 +37,8 @@ from varred_diffusion.experiments.toysetup import (
     make_mixture,
     variance_ratios,
 )
+from varred_diffusion.losses import dsm_loss
+from varred_diffusion.recipe import Recipe
 
 __all__ = ["ToySettings", "run_toy", "toy_settings"]
 
@@ -81,11 +84,7 @@ def _vr(ctx: Context, model: torch.nn.Module, cfg: ToyConfig, s: ToySettings, **
 def step_times(
     ctx: Context, cfg: ToyConfig, model: torch.nn.Module, orders: tuple[int, ...], repeats: int = 7
 ) -> dict:
-    """Median seconds per training step: plain DSM and ``ControlledDSM`` of each order."""
-    from varred_diffusion.diagnostics import time_per_call
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.training import ControlledDSM
-
+    """Median seconds per training step: plain DSM and the C^k recipe's step of each order."""
     m = copy.deepcopy(model)
     g = ctx.generator("timing")
     x, sig, e = draw_fn(make_mixture(cfg.dataset), cfg)(cfg.batch, g)
@@ -100,7 +99,9 @@ def step_times(
     warm = 1 if repeats > 1 else 0
     out = {"plain": time_per_call(plain, repeats=repeats, warmup=warm)}
     for k in orders:
-        helper = ControlledDSM(sf, m.parameters(), order=k, expectation="exact")
+        helper = Recipe(control=TaylorControl(order=k, expectation="exact")).build(
+            sf, m.parameters()
+        )
         call = functools.partial(helper, x, sig, e, generator=g)
         out[f"C{k}"] = time_per_call(call, repeats=repeats, warmup=warm)
     return out

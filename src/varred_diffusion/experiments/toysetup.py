@@ -1,8 +1,8 @@
 """Building blocks shared by the 2-D experiments (toy, grid, optimizers, leaderboard).
 
 A 2-D Gaussian mixture with a closed-form noisy score, an ``MLPScore`` network, log-uniform
-σ training, plain or C^k-controlled DSM steps (``ControlledDSM``), and the evaluation of
-the DSM loss and the exact score error on a fixed held-out set.
+σ training, plain or C^k-controlled DSM steps (the step of :func:`control_recipe`), and the
+evaluation of the DSM loss and the exact score error on a fixed held-out set.
 """
 
 from __future__ import annotations
@@ -14,13 +14,21 @@ from typing import Any
 import torch
 
 from varred.errors import VarRedError
+from varred.layout import CoefficientLayout
+from varred_diffusion.bins import SigmaBins
+from varred_diffusion.controls import TaylorControl
 from varred_diffusion.diagnostics import DrawFn, gradient_variance_ratio
 from varred_diffusion.experiments.common import Context, TrainJob, optimizer_step
+from varred_diffusion.losses import dsm_loss
+from varred_diffusion.models import MLPScore
+from varred_diffusion.recipe import Recipe
+from varred_diffusion.sampling import log_uniform_sigma
 from varred_diffusion.toy import GaussianMixture, asymmetric, ring8
 
 __all__ = [
     "ToyConfig",
     "build_toy_job",
+    "control_recipe",
     "draw_fn",
     "make_bins",
     "make_mixture",
@@ -63,8 +71,6 @@ def make_mixture(name: str) -> GaussianMixture:
 
 def make_model(cfg: ToyConfig, generator: torch.Generator) -> torch.nn.Module:
     """``MLPScore(2, width, depth, activation)`` initialised from ``generator``."""
-    from varred_diffusion.models import MLPScore
-
     return MLPScore(2, cfg.width, cfg.depth, cfg.activation, generator=generator).to(
         device=cfg.device, dtype=cfg.dtype
     )
@@ -74,16 +80,23 @@ def sample_sigma(
     n: int, generator: torch.Generator, lo: float, hi: float, dtype: torch.dtype
 ) -> Tensor:
     """Log-uniform σ on ``[lo, hi]``: ``[n]`` (``varred_diffusion.log_uniform_sigma``)."""
-    from varred_diffusion.sampling import log_uniform_sigma
-
     return log_uniform_sigma(torch.rand(n, generator=generator, dtype=dtype), lo, hi).to(dtype)
 
 
-def make_bins(cfg: ToyConfig) -> Any:
+def make_bins(cfg: ToyConfig) -> SigmaBins | None:
     """``SigmaBins`` over the training σ range (``None`` for one bin)."""
-    from varred_diffusion.bins import SigmaBins
-
     return SigmaBins(cfg.sigma_min, cfg.sigma_max, cfg.num_bins) if cfg.num_bins > 1 else None
+
+
+def control_recipe(cfg: ToyConfig) -> Recipe:
+    """The controlled toy step: C^k (exact means), running per-element β per σ bin."""
+    bins = make_bins(cfg)
+    layout = CoefficientLayout("element", groups=1 if bins is None else bins)
+    return Recipe(
+        control=TaylorControl(order=cfg.order, expectation="exact"),
+        layout=layout,
+        name=f"C^{cfg.order}, per-element β" + (f" per σ bin ({bins.num_bins})" if bins else ""),
+    )
 
 
 def draw_fn(mixture: GaussianMixture, cfg: ToyConfig, sigma: float | None = None) -> DrawFn:
@@ -122,8 +135,6 @@ def build_toy_job(
     eval_every: int = 0,
 ) -> Callable[[], TrainJob]:
     """A factory for a plain or C^k-controlled toy training job (see ``run_job``)."""
-    from varred_diffusion.losses import dsm_loss
-    from varred_diffusion.training import ControlledDSM
 
     def build() -> TrainJob:
         mixture = make_mixture(cfg.dataset)
@@ -139,10 +150,7 @@ def build_toy_job(
         stateful: dict[str, Any] = {}
         step_helper = None
         if controlled:
-            step_helper = ControlledDSM(
-                score_fn, model.parameters(), order=cfg.order, bins=make_bins(cfg),
-                expectation="exact",
-            )  # fmt: skip
+            step_helper = control_recipe(cfg).build(score_fn, model.parameters())
             stateful["control"] = step_helper
 
         def step(i: int) -> dict[str, float]:

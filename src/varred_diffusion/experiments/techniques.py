@@ -1,0 +1,169 @@
+"""The leaderboard's techniques: a list of ``(name, Recipe)`` rows, and how to label them.
+
+Adding a technique = one part in one module (a sampler in ``sampling.py``, a control in
+``controls.py``, …) + one line in :func:`leaderboard_recipes`. Each row is measured by
+``leaderboard.leaderboard_rows``; its labels (σ/ε design, control, β) are read off the
+recipe's parts here, so a row needs no special case in the harness. The first row is the
+reference every ratio is relative to: plain DSM (i.i.d. log-uniform σ and ε, no control).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from varred.errors import VarRedError
+from varred.layout import CoefficientLayout
+from varred_diffusion.bins import SigmaBins
+from varred_diffusion.controls import AntitheticPairs, TaylorControl
+from varred_diffusion.experiments.problem import Problem
+from varred_diffusion.recipe import Recipe
+from varred_diffusion.sampling import ImportanceSigmaSampler, LogUniformSigma, StratifiedSigma
+
+__all__ = [
+    "BETA_NAMES",
+    "QUICK_TECHNIQUES",
+    "beta_kind",
+    "control_order",
+    "design_name",
+    "is_adaptive",
+    "leaderboard_recipes",
+]
+
+Row = tuple[str, Recipe]
+
+#: β kinds of the moment harness (``diagnostics.fit_coefficients``) and their table labels.
+BETA_NAMES = {"unit": "β = 1", "scalar": "scalar β", "element": "per-element β",
+              "bin": "per-σ-bin β"}  # fmt: skip
+
+#: The ``(design, order)`` techniques of ``--quick`` runs (``None``: no Taylor control).
+QUICK_TECHNIQUES = frozenset({
+    ("iid", None), ("antithetic", None), ("stratified", None), ("importance", None),
+    ("iid", 0), ("stratified+antithetic", 0), ("iid", 1),
+})  # fmt: skip
+
+
+def leaderboard_recipes(p: Problem) -> list[Row]:
+    """Every technique on problem ``p``: one ``(name, Recipe)`` per table row, reference first.
+
+    Orders ``k`` not in ``p.orders`` are left out. The importance sampler is the cold one
+    here; the harness warms a copy at θ before measuring.
+    """
+    lo, hi = p.sigma_min, p.sigma_max
+    iid, strat = LogUniformSigma(lo, hi), StratifiedSigma(lo, hi)
+    ld = StratifiedSigma(lo, hi, low_discrepancy=True)
+    imp = ImportanceSigmaSampler(p.num_bins, lo, hi)
+    pairs = AntitheticPairs()
+    ck = {k: TaylorControl(order=k, expectation=p.expectation) for k in (0, 1, 2)}
+    beta: dict[str, dict[str, Any]] = {
+        "unit": {"coefficient": 1.0},
+        "scalar": {"layout": CoefficientLayout("scalar")},
+        "element": {"layout": CoefficientLayout("element")},
+        "bin": {"layout": CoefficientLayout("element", groups=SigmaBins(lo, hi, p.num_bins))},
+    }
+
+    def row(name: str, sampler: Any, control: Any = None, kind: str | None = None) -> Row:
+        return name, Recipe(sampler=sampler, control=control, name=name, **beta.get(kind, {}))
+
+    rows = [
+        row("log-uniform σ (plain DSM)", iid),
+        row("antithetic ε", iid, pairs),
+        row("stratified σ", strat),
+        row("low-discrepancy σ", ld),
+        row("importance σ", imp),
+        row("stratified σ + antithetic ε", strat, pairs),
+        row("C^0, β = 1", iid, ck[0], "unit"),
+        row("C^0, scalar β", iid, ck[0], "scalar"),
+        row("C^0, per-element β", iid, ck[0], "element"),
+        row("C^0, per-σ-bin β", iid, ck[0], "bin"),
+        row("C^1, β = 1", iid, ck[1], "unit"),
+        row("C^1, scalar β", iid, ck[1], "scalar"),
+        row("C^1, per-element β", iid, ck[1], "element"),
+        row("C^1, per-σ-bin β", iid, ck[1], "bin"),
+        row("C^2, β = 1", iid, ck[2], "unit"),
+        row("C^2, scalar β", iid, ck[2], "scalar"),
+        row("C^2, per-element β", iid, ck[2], "element"),
+        row("C^2, per-σ-bin β", iid, ck[2], "bin"),
+        row("antithetic ε + C^0, β = 1", iid, AntitheticPairs(ck[0]), "unit"),
+        row("antithetic ε + C^0, scalar β", iid, AntitheticPairs(ck[0]), "scalar"),
+        row("antithetic ε + C^0, per-element β", iid, AntitheticPairs(ck[0]), "element"),
+        row("antithetic ε + C^0, per-σ-bin β", iid, AntitheticPairs(ck[0]), "bin"),
+        row("stratified σ + C^0, β = 1", strat, ck[0], "unit"),
+        row("stratified σ + C^0, scalar β", strat, ck[0], "scalar"),
+        row("stratified σ + C^0, per-element β", strat, ck[0], "element"),
+        row("stratified σ + C^0, per-σ-bin β", strat, ck[0], "bin"),
+        row("importance σ + C^0, β = 1", imp, ck[0], "unit"),
+        row("importance σ + C^0, scalar β", imp, ck[0], "scalar"),
+        row("importance σ + C^0, per-element β", imp, ck[0], "element"),
+        row("importance σ + C^0, per-σ-bin β", imp, ck[0], "bin"),
+        row("stratified σ + antithetic ε + C^0, β = 1", strat, AntitheticPairs(ck[0]), "unit"),
+        row("stratified σ + antithetic ε + C^0, scalar β", strat, AntitheticPairs(ck[0]), "scalar"),
+        row("stratified σ + antithetic ε + C^0, per-element β", strat, AntitheticPairs(ck[0]), "element"),
+        row("stratified σ + antithetic ε + C^0, per-σ-bin β", strat, AntitheticPairs(ck[0]), "bin"),
+    ]  # fmt: skip
+    return [r for r in rows if control_order(r[1]) in (None, *p.orders)]
+
+
+def _taylor(recipe: Recipe) -> Any:
+    """The recipe's coefficient-fitting control (inside antithetic pairs too), or ``None``."""
+    c = recipe.control
+    inner = getattr(c, "control", None) if callable(getattr(c, "pair", None)) else c
+    return inner if getattr(inner, "needs_coefficients", False) else None
+
+
+def control_order(recipe: Recipe) -> int | None:
+    """Taylor order ``k`` of the recipe's control, ``None`` without a fitted control."""
+    c = _taylor(recipe)
+    return None if c is None else int(getattr(c, "order", 0))
+
+
+def is_adaptive(sampler: Any) -> bool:
+    """Whether a sampler learns from losses (``update`` and ``warmed_up``, e.g. importance σ)."""
+    return callable(getattr(sampler, "update", None)) and callable(
+        getattr(sampler, "warmed_up", None)
+    )
+
+
+def design_name(recipe: Recipe) -> str:
+    """The σ/ε design column: the sampler's name, ``+antithetic`` when the control pairs rows."""
+    s = recipe.sampler
+    if isinstance(s, StratifiedSigma):
+        name = "low_discrepancy" if s.low_discrepancy else "stratified"
+    elif isinstance(s, ImportanceSigmaSampler):
+        name = "importance"
+    elif type(s) is LogUniformSigma:
+        name = "iid"
+    elif s is None:
+        raise VarRedError(f"recipe {recipe.name!r}: expected a sampler, got None")
+    else:
+        name = str(getattr(s, "label", type(s).__name__))
+    if callable(getattr(recipe.control, "pair", None)):
+        return "antithetic" if name == "iid" else f"{name}+antithetic"
+    return name
+
+
+def beta_kind(recipe: Recipe) -> tuple[str, SigmaBins | None]:
+    """The harness's β kind of a recipe with a fitted control, and its σ bins (``"bin"``).
+
+    Coefficient 1.0 → ``"unit"``; layout granularity ``"scalar"`` → ``"scalar"``;
+    ``"element"`` with one group → ``"element"``, with σ-bin groups → ``"bin"``.
+
+    Raises:
+        VarRedError: a layout or coefficient the moment harness does not measure.
+    """
+    coef, layout = recipe.coefficient, recipe.layout or CoefficientLayout()
+    if isinstance(coef, numbers.Real) and not isinstance(coef, bool):
+        if float(coef) == 1.0:
+            return "unit", None
+        raise VarRedError(f"recipe {recipe.name!r}: expected a fixed coefficient 1.0, got {coef}")
+    groups = layout.groups
+    if layout.granularity == "scalar" and layout.num_groups == 1:
+        return "scalar", None
+    if layout.granularity == "element" and layout.num_groups == 1:
+        return "element", None
+    if layout.granularity == "element" and callable(getattr(groups, "index", None)):
+        return "bin", groups
+    raise VarRedError(
+        f"recipe {recipe.name!r}: expected a scalar β, or per-element β with one group or σ "
+        f"bins, got layout {layout}"
+    )
