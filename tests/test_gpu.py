@@ -301,3 +301,21 @@ def test_toy_score_error(dgen):
     _on_dev(mix.score(x, sigma), mix.log_prob(x, sigma))
     err = vd.score_error(_mlp(), mix, x, 0.2, dgen)
     _on_dev(*[v for v in err if torch.is_tensor(v)])
+
+
+@pytest.mark.gpu
+def test_recipe_step_with_sampler_on_cuda() -> None:
+    """A recipe whose sampler draws σ runs on CUDA with one CUDA generator (σ and ε)."""
+    import varred_diffusion as vd
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    model = vd.MLPScore(2, width=16, depth=1).cuda()
+    for sampler in (vd.LogUniformSigma(1e-2, 1.0), vd.StratifiedSigma(1e-2, 1.0),
+                    vd.ImportanceSigmaSampler(4, 1e-2, 1.0)):  # fmt: skip
+        step = vd.Recipe(sampler=sampler, control=vd.TaylorControl(0)).build(
+            model, model.parameters()
+        )
+        diag = step(torch.randn(16, 2, device="cuda"), generator=g)
+        assert diag["sigma"].device.type == "cuda"

@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 
+def _where(generator: torch.Generator | None) -> torch.device:
+    """The device a draw from ``generator`` happens on (a CUDA generator draws on CUDA)."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def _check_rank(batch: int, rank: int, world_size: int) -> None:
     if batch < 1:
         raise VarRedError(f"batch: expected a positive integer, got {batch}")
@@ -103,7 +108,7 @@ class LogUniformSigma:
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def _uniforms(self, n: int, generator: torch.Generator | None) -> Tensor:
-        return torch.rand(n, generator=generator, dtype=torch.float64)
+        return torch.rand(n, generator=generator, dtype=torch.float64, device=_where(generator))
 
     def sample(
         self,
@@ -139,7 +144,7 @@ class StratifiedSigma(LogUniformSigma):
 
     def _uniforms(self, n: int, generator: torch.Generator | None) -> Tensor:
         draw = low_discrepancy_uniform if self.low_discrepancy else stratified_uniform
-        return draw(n, generator)
+        return draw(n, generator, device=_where(generator))
 
     def __repr__(self) -> str:
         ld = ", low_discrepancy=True" if self.low_discrepancy else ""
@@ -238,10 +243,11 @@ class ImportanceSigmaSampler:
         """Draw ``sigma`` ``[batch]`` and importance weights ``[batch]`` (``E[w ℓ]`` = log-uniform objective)."""
         if batch < 1:
             raise VarRedError(f"batch: expected a positive integer, got {batch}")
-        p = self.probabilities()
+        where = _where(generator)  # draw on the generator's device (CPU or CUDA)
+        p = self.probabilities().to(where)
         b = torch.multinomial(p, batch, replacement=True, generator=generator)  # [B]
-        u = torch.rand(batch, generator=generator, dtype=torch.float64)
-        le = self.bins.log_edges
+        u = torch.rand(batch, generator=generator, dtype=torch.float64, device=where)
+        le = self.bins.log_edges.to(where)
         log_sigma = le[b] + u * (le[b + 1] - le[b])
         sigma = torch.exp(log_sigma).clamp(self.bins.sigma_min, self.bins.sigma_max)
         w = 1.0 / (self.num_bins * p[b])
