@@ -1,0 +1,453 @@
+"""Noise-level samplers of the literature, as importance samplers that keep your objective.
+
+Every sampler draws σ from its proposal density ``q`` on ``[σ_min, σ_max]`` and returns the
+importance weight ``w = p(σ)/q(σ)`` of the *objective* density ``p`` you pass as
+``objective=`` (anything with ``log_prob(sigma) -> [B]``, e.g. :class:`LogUniform`, the
+density of ``sampling.log_uniform_sigma``), so that ``E_q[w ℓ(σ)] = E_p[ℓ(σ)]`` exactly.
+With ``objective=None`` the sampler's own density *is* the objective: the weights are ones
+and ``changes_objective`` is ``True`` (you then train a different objective than the
+log-uniform default, which is what the papers do).
+
+The samplers follow the recipe's sampler protocol: ``sample(n, generator, *, dtype,
+device) -> (sigma [n], weight [n])`` and ``changes_objective``. Truncation to
+``[σ_min, σ_max]`` is part of the density: ``q`` is renormalised by the base
+distribution's mass on the interval and draws are made by inverse CDF on it (no rejection).
+Densities are over σ; a sampler defined in another coordinate ``z = g(σ)`` (log σ, logit t,
+log-SNR) carries the Jacobian ``|dz/dσ|`` (computed by autograd through ``g``).
+
+- :class:`EDMLogNormal`: ``log σ ~ N(P_mean, P_std²)`` (Karras et al., 2022).
+- :class:`LogitNormal`: ``logit t ~ N(m, s²)``, σ = σ(t) (Esser et al., 2024, SD3).
+- :class:`LaplaceLogSNR`: ``log-SNR ~ Laplace(μ, b)`` (Hang et al., 2025).
+- :class:`LogUniform`, :class:`Uniform`: objective densities (and samplers) on an interval.
+
+The adaptive Kingma–Gao proposal lives in :mod:`varred_diffusion.adaptive_sampler`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from varred.errors import VarRedError, check_floating
+
+__all__ = [
+    "EDMLogNormal",
+    "LaplaceLogSNR",
+    "LogUniform",
+    "LogitNormal",
+    "ObjectiveDensity",
+    "Uniform",
+    "open_uniform",
+    "sigma_from_log_snr",
+]
+
+F64 = torch.float64
+
+
+class ObjectiveDensity(Protocol):
+    """A density over σ: ``log_prob(sigma [B]) -> [B]`` (−inf outside its support)."""
+
+    def log_prob(self, sigma: Tensor) -> Tensor: ...
+
+
+def open_uniform(n: int, generator: torch.Generator | None, device: Any = None) -> Tensor:
+    """Uniforms in the open interval ``(0, 1)`` ``[n]`` (float64: ``rand + 2^-54``, never 0 or 1)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise VarRedError(f"n: expected a positive integer, got {n!r}")
+    return torch.rand(n, generator=generator, dtype=F64, device=device) + 2.0**-54
+
+
+def sigma_from_log_snr(schedule: Any, lam: Tensor) -> Tensor:
+    """σ with ``schedule.log_snr(σ) = λ`` ``[B]``: the schedule's own inverse, or VE's ``e^{−λ/2}``.
+
+    ``schedule=None`` (or a ``VESchedule``, which has no inverse method) means VE, ``α = 1``.
+    """
+    inv = getattr(schedule, "sigma_from_log_snr", None)
+    if inv is not None:
+        return inv(lam)
+    return torch.exp(-0.5 * lam)
+
+
+def _check_interval(lo: float, hi: float, *, allow_zero: bool = False) -> tuple[float, float]:
+    ok = (lo >= 0 if allow_zero else lo > 0) and lo < hi
+    if not ok or math.isnan(lo) or math.isnan(hi):
+        bound = "0 <=" if allow_zero else "0 <"
+        raise VarRedError(
+            f"sigma_min, sigma_max: expected {bound} sigma_min < sigma_max, got {lo}, {hi}"
+        )
+    return float(lo), float(hi)
+
+
+def _check_positive(name: str, v: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
+        raise VarRedError(f"{name}: expected a finite number > 0, got {v!r}")
+    return float(v)
+
+
+def _inside(sigma: Tensor, lo: float, hi: float) -> Tensor:
+    return (sigma >= lo) & (sigma <= hi)
+
+
+class _Interval:
+    """An interval density's support and the protocol's ``sample``."""
+
+    sigma_min: float
+    sigma_max: float
+    changes_objective: bool
+
+    @property
+    def support(self) -> tuple[float, float]:
+        """``(σ_min, σ_max)``."""
+        return self.sigma_min, self.sigma_max
+
+    def _from_unit(self, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``σ ~ p`` ``[n]`` and weights (ones) ``[n]``."""
+        s = self._from_unit(open_uniform(n, generator))
+        s = s.clamp(self.sigma_min, self.sigma_max)
+        return s.to(dtype=dtype, device=device), torch.ones(n, dtype=dtype, device=device)
+
+
+class LogUniform(_Interval):
+    """Log-uniform density on ``[σ_min, σ_max]``: ``p(σ) = 1/(σ log(σ_max/σ_min))``.
+
+    The library's default objective (the density of ``log_uniform_sigma(u, σ_min, σ_max)``
+    and of ``ImportanceSigmaSampler``'s target); as a sampler its weights are ones and
+    ``changes_objective`` is ``False``.
+
+    Example:
+        >>> p = LogUniform(0.01, 100.0)
+        >>> round(float(p.log_prob(torch.tensor([1.0], dtype=torch.float64)).exp()), 6)  # 1/log(1e4)
+        0.108574
+    """
+
+    changes_objective = False
+
+    def __init__(self, sigma_min: float, sigma_max: float) -> None:
+        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max)
+        self._log_norm = math.log(math.log(self.sigma_max / self.sigma_min))
+
+    def log_prob(self, sigma: Tensor) -> Tensor:
+        """``log p(σ)`` ``[B]`` (float64; −inf outside ``[σ_min, σ_max]``)."""
+        s = check_floating("sigma", sigma).to(F64)
+        lp = -torch.log(s) - self._log_norm
+        return torch.where(_inside(s, self.sigma_min, self.sigma_max), lp, -math.inf)
+
+    def _from_unit(self, u: Tensor) -> Tensor:
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return torch.exp(lo + u * (hi - lo))
+
+
+class Uniform(_Interval):
+    """Uniform density on ``[σ_min, σ_max]`` (σ_min may be 0): e.g. flow matching's ``t ~ U[0, 1]``.
+
+    As a sampler its weights are ones; ``changes_objective`` is ``True`` (it is not the
+    log-uniform default); as ``objective=`` it makes another sampler estimate the uniform-t
+    objective.
+    """
+
+    changes_objective = True
+
+    def __init__(self, sigma_min: float = 0.0, sigma_max: float = 1.0) -> None:
+        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max, allow_zero=True)
+        if math.isinf(self.sigma_max):
+            raise VarRedError(f"sigma_max: expected a finite value, got {sigma_max}")
+
+    def log_prob(self, sigma: Tensor) -> Tensor:
+        """``log p(σ) = −log(σ_max − σ_min)`` ``[B]`` inside, −inf outside (float64)."""
+        s = check_floating("sigma", sigma).to(F64)
+        lp = torch.full_like(s, -math.log(self.sigma_max - self.sigma_min))
+        return torch.where(_inside(s, self.sigma_min, self.sigma_max), lp, -math.inf)
+
+    def _from_unit(self, u: Tensor) -> Tensor:
+        return self.sigma_min + u * (self.sigma_max - self.sigma_min)
+
+
+# -- base distributions on z (closed-form CDFs and inverses, float64) ----------------
+def _normal_log_pdf(z: Tensor, loc: float, scale: float) -> Tensor:
+    return -0.5 * ((z - loc) / scale) ** 2 - math.log(scale) - 0.5 * math.log(2 * math.pi)
+
+
+def _normal_cdf(z: Tensor, loc: float, scale: float) -> Tensor:
+    return torch.special.ndtr((z - loc) / scale)
+
+
+def _normal_icdf(p: Tensor, loc: float, scale: float) -> Tensor:
+    return loc + scale * torch.special.ndtri(p)
+
+
+def _laplace_log_pdf(z: Tensor, loc: float, scale: float) -> Tensor:
+    return -(z - loc).abs() / scale - math.log(2 * scale)
+
+
+def _laplace_cdf(z: Tensor, loc: float, scale: float) -> Tensor:
+    y = (z - loc) / scale
+    return torch.where(y < 0, 0.5 * torch.exp(y.clamp(max=0)), 1 - 0.5 * torch.exp(-y.clamp(min=0)))
+
+
+def _laplace_icdf(p: Tensor, loc: float, scale: float) -> Tensor:
+    return torch.where(
+        p < 0.5, loc + scale * torch.log(2 * p), loc - scale * torch.log(2 * (1 - p))
+    )
+
+
+_BASES = {
+    "normal": (_normal_log_pdf, _normal_cdf, _normal_icdf),
+    "laplace": (_laplace_log_pdf, _laplace_cdf, _laplace_icdf),
+}
+
+
+class _Reparameterised:
+    """A base distribution (normal/laplace) on ``z = g(σ)``, truncated to ``[σ_min, σ_max]``.
+
+    Subclasses set ``_base``, ``loc``, ``scale``, ``sigma_min``, ``sigma_max`` and implement
+    ``_z(sigma)`` (monotone) and ``_sigma(z)`` (its inverse); then call ``_setup``.
+    """
+
+    _base: str
+    loc: float
+    scale: float
+    sigma_min: float
+    sigma_max: float
+    objective: ObjectiveDensity | None
+
+    def _z(self, sigma: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sigma(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _setup(self, objective: ObjectiveDensity | None) -> None:
+        _, cdf, _ = _BASES[self._base]
+        ends = self._z(torch.tensor([self.sigma_min, self.sigma_max], dtype=F64))
+        self._z_lo, self._z_hi = float(ends.min()), float(ends.max())
+        f = cdf(torch.tensor([self._z_lo, self._z_hi], dtype=F64), self.loc, self.scale)
+        self._f_lo, self._f_hi = float(f[0]), float(f[1])
+        mass = self._f_hi - self._f_lo
+        if not mass > 0:
+            raise VarRedError(
+                f"sigma_min, sigma_max: the interval [{self.sigma_min}, {self.sigma_max}] holds "
+                f"no mass of the proposal (loc={self.loc}, scale={self.scale}); widen it"
+            )
+        self._log_mass = math.log(mass)
+        if objective is not None:
+            if not callable(getattr(objective, "log_prob", None)):
+                raise VarRedError(
+                    f"objective: expected a density with log_prob(sigma), got {type(objective).__name__}"
+                )
+            sup = getattr(objective, "support", None)
+            if sup is not None and not (
+                sup[0] >= self.sigma_min * (1 - 1e-12) and sup[1] <= self.sigma_max * (1 + 1e-12)
+            ):
+                raise VarRedError(
+                    f"objective: its support {tuple(sup)} must lie inside the sampler's "
+                    f"[{self.sigma_min}, {self.sigma_max}] (else the reweighting is biased)"
+                )
+        self.objective = objective
+
+    @property
+    def changes_objective(self) -> bool:
+        """``True`` iff ``objective is None`` (the proposal's own density is the objective)."""
+        return self.objective is None
+
+    @property
+    def support(self) -> tuple[float, float]:
+        """``(σ_min, σ_max)``."""
+        return self.sigma_min, self.sigma_max
+
+    def log_prob(self, sigma: Tensor) -> Tensor:
+        """``log q(σ)`` ``[B]`` of the truncated proposal (float64; −inf outside the support).
+
+        ``log q(σ) = log f(g(σ)) + log|g'(σ)| − log(F(z_hi) − F(z_lo))``, ``g'`` by autograd.
+        """
+        s = check_floating("sigma", sigma).detach().to(F64)
+        inside = _inside(s, self.sigma_min, self.sigma_max)
+        safe = torch.where(inside, s, 0.5 * (self.sigma_min + min(self.sigma_max, 1e300)))
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = safe.clone().requires_grad_(True)
+            z = self._z(leaf)
+            (dz,) = torch.autograd.grad(z.sum(), leaf)
+        log_pdf, _, _ = _BASES[self._base]
+        lp = log_pdf(z.detach(), self.loc, self.scale) + torch.log(dz.abs()) - self._log_mass
+        return torch.where(inside, lp, -math.inf)
+
+    def weights_for(self, sigma: Tensor) -> Tensor:
+        """Importance weights ``p_objective(σ)/q(σ)`` ``[B]`` (float64; ones without objective)."""
+        if self.objective is None:
+            return torch.ones(sigma.shape, dtype=F64, device=sigma.device)
+        lp = self.objective.log_prob(sigma).to(F64)
+        return torch.exp(lp - self.log_prob(sigma).to(lp.device))
+
+    def sample(
+        self,
+        n: int,
+        generator: torch.Generator | None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``σ ~ q`` ``[n]`` by inverse CDF on the truncated range, and weights ``[n]``."""
+        _, _, icdf = _BASES[self._base]
+        u = open_uniform(n, generator)
+        z = icdf(self._f_lo + u * (self._f_hi - self._f_lo), self.loc, self.scale)
+        z = z.clamp(self._z_lo, self._z_hi)
+        s = self._sigma(z).clamp(self.sigma_min, self.sigma_max)
+        w = self.weights_for(s)
+        return s.to(dtype=dtype, device=device), w.to(dtype=dtype, device=device)
+
+
+class EDMLogNormal(_Reparameterised):
+    """EDM's training σ: ``log σ ~ N(P_mean, P_std²)`` truncated to ``[σ_min, σ_max]``.
+
+    Karras et al. (2022), "Elucidating the design space of diffusion-based generative
+    models", Table 1 (``P_mean = −1.2``, ``P_std = 1.2``). EDM itself does not truncate:
+    pass ``sigma_min=0, sigma_max=math.inf`` for its exact draw.
+
+    Args:
+        p_mean, p_std: mean and standard deviation of ``log σ`` (``p_std > 0``).
+        sigma_min, sigma_max: truncation (``0 ≤ σ_min < σ_max ≤ ∞``).
+        objective: density with ``log_prob`` whose expectation the weights keep (e.g.
+            ``LogUniform(σ_min, σ_max)``), or ``None``: the log-normal is the objective,
+            weights are ones and ``changes_objective`` is ``True``.
+
+    Raises:
+        VarRedError: ``p_std ≤ 0``, a bad interval, or an objective whose support is wider.
+
+    Example:
+        >>> s, w = EDMLogNormal().sample(4, torch.Generator().manual_seed(0))
+        >>> s.shape, bool((w == 1).all())
+        (torch.Size([4]), True)
+    """
+
+    _base = "normal"
+
+    def __init__(
+        self,
+        p_mean: float = -1.2,
+        p_std: float = 1.2,
+        sigma_min: float = 0.002,
+        sigma_max: float = 80.0,
+        objective: ObjectiveDensity | None = None,
+    ) -> None:
+        self.loc = float(p_mean)
+        self.scale = _check_positive("p_std", p_std)
+        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max, allow_zero=True)
+        self._setup(objective)
+
+    def _z(self, sigma: Tensor) -> Tensor:
+        return torch.log(sigma)
+
+    def _sigma(self, z: Tensor) -> Tensor:
+        return torch.exp(z)
+
+
+class LogitNormal(_Reparameterised):
+    """SD3's timesteps: ``t = sigmoid(z)``, ``z ~ N(m, s²)``, truncated to ``[t_min, t_max]``; σ = σ(t).
+
+    Esser et al. (2024), "Scaling rectified flow transformers for high-resolution image
+    synthesis" (SD3), §3.1 (``m = 0``, ``s = 1``). With ``schedule=None`` σ = t (rectified
+    flow, :class:`varred_diffusion.flow.RectifiedFlowSchedule`); otherwise σ =
+    ``schedule.t_to_sigma(t)`` for a continuous schedule with an increasing map on ``[0, 1]``
+    (``VESchedule``, continuous ``VPSchedule``), and the density over σ carries ``dt/dσ``.
+
+    Args:
+        mean, std: ``m`` and ``s`` of ``logit t`` (``std > 0``).
+        t_min, t_max: truncation in t, ``0 ≤ t_min < t_max ≤ 1``.
+        schedule: ``None`` (σ = t) or an object with ``t_to_sigma`` and ``sigma_to_t``.
+        objective: as for :class:`EDMLogNormal` (``Uniform(0, 1)`` is flow matching's
+            uniform-t objective).
+    """
+
+    _base = "normal"
+
+    def __init__(
+        self,
+        mean: float = 0.0,
+        std: float = 1.0,
+        t_min: float = 0.0,
+        t_max: float = 1.0,
+        schedule: Any = None,
+        objective: ObjectiveDensity | None = None,
+    ) -> None:
+        self.loc = float(mean)
+        self.scale = _check_positive("std", std)
+        if not 0.0 <= t_min < t_max <= 1.0:
+            raise VarRedError(f"t_min, t_max: expected 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+        self.schedule = schedule
+        ends = self._t_to_sigma(torch.tensor([t_min, t_max], dtype=F64))
+        self.sigma_min, self.sigma_max = float(ends[0]), float(ends[1])
+        if not self.sigma_min < self.sigma_max:
+            raise VarRedError(
+                f"schedule: expected t_to_sigma increasing on [t_min, t_max], got "
+                f"sigma {self.sigma_min} at t_min and {self.sigma_max} at t_max"
+            )
+        self._setup(objective)
+
+    def _t_to_sigma(self, t: Tensor) -> Tensor:
+        return t if self.schedule is None else self.schedule.t_to_sigma(t)
+
+    def _z(self, sigma: Tensor) -> Tensor:
+        t = sigma if self.schedule is None else self.schedule.sigma_to_t(sigma)
+        return torch.logit(t)
+
+    def _sigma(self, z: Tensor) -> Tensor:
+        return self._t_to_sigma(torch.sigmoid(z))
+
+
+class LaplaceLogSNR(_Reparameterised):
+    """Laplace noise schedule: ``log-SNR λ ~ Laplace(μ, b)``, truncated to ``σ ∈ [σ_min, σ_max]``.
+
+    Hang et al. (2025), "Improved noise schedule for diffusion training" (Laplace with
+    ``μ = 0``, ``b = 0.5``). ``λ = schedule.log_snr(σ) = log(α²/σ²)``; VE (``schedule=None``):
+    ``λ = −2 log σ``; VP: ``log(1 − σ²) − 2 log σ``; rectified flow: ``2 log((1 − t)/t)``.
+
+    Args:
+        loc, scale: ``μ`` and ``b > 0``.
+        schedule: ``None`` (VE) or a schedule with ``log_snr`` (and ``sigma_from_log_snr``
+            unless VE).
+        sigma_min, sigma_max: truncation; ``None`` takes the schedule's (flow: 0 and 1).
+        objective: as for :class:`EDMLogNormal`.
+    """
+
+    _base = "laplace"
+
+    def __init__(
+        self,
+        loc: float = 0.0,
+        scale: float = 0.5,
+        schedule: Any = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+        objective: ObjectiveDensity | None = None,
+    ) -> None:
+        self.loc = float(loc)
+        self.scale = _check_positive("scale", scale)
+        self.schedule = schedule
+        lo = getattr(schedule, "sigma_min", None) if sigma_min is None else sigma_min
+        hi = getattr(schedule, "sigma_max", None) if sigma_max is None else sigma_max
+        if lo is None or hi is None:
+            raise VarRedError(
+                "sigma_min, sigma_max: expected numbers (the schedule has none), got None"
+            )
+        self.sigma_min, self.sigma_max = _check_interval(float(lo), float(hi), allow_zero=True)
+        self._setup(objective)
+
+    def _z(self, sigma: Tensor) -> Tensor:
+        if self.schedule is None:
+            return -2 * torch.log(sigma)
+        return self.schedule.log_snr(sigma)
+
+    def _sigma(self, z: Tensor) -> Tensor:
+        return sigma_from_log_snr(self.schedule, z)
