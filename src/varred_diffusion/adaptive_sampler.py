@@ -10,8 +10,9 @@ per-sample loss ``ℓ`` (already weighted by λ(σ)) and the objective density `
 
 ``\\bar ℓ`` is a running mean per log-σ bin (an exponential moving average over updates),
 so ``q`` is piecewise: bin ``b`` has mass ``q_b = (1 − f) P_b \\bar ℓ_b / Σ_c P_c \\bar ℓ_c +
-f P_b`` (``P_b``: the objective's mass in the bin; ``f``: the floor, which bounds every
-weight by ``1/f``), and inside a bin σ is log-uniform. The weight uses the objective's exact
+f P_b`` (``P_b``: the objective's mass in the bin; ``f``: the floor), and inside a bin σ is log-uniform. For a log-uniform objective the
+floor bounds every weight by ``1/f``; for others, by ``1/f`` times the variation of
+``p(σ)σ`` inside a bin (more bins: closer to ``1/f``). The weight uses the objective's exact
 ``log_prob``, so the estimate is unbiased for *any* ``q`` (bin masses by quadrature only
 affect efficiency). Until every bin with objective mass has seen a loss, ``q_b = P_b``.
 The proposal is ``E[ℓ]``-proportional (Kingma & Gao), not ``sqrt(E[ℓ²])`` as in
@@ -44,7 +45,7 @@ class AdaptiveSigmaSampler:
         sigma_min, sigma_max: the range (must cover the objective's support).
         objective: the density ``p`` to keep (``log_prob``); ``None``: ``LogUniform(σ_min, σ_max)``.
         decay: EMA factor of each bin's running mean loss per update, in ``[0, 1)``.
-        floor: mixture weight ``f ∈ (0, 1]`` of ``p`` itself (weights are ``≤ 1/f``).
+        floor: mixture weight ``f ∈ (0, 1]`` of ``p`` itself (log-uniform ``p``: weights ``≤ 1/f``).
 
     ``changes_objective`` is ``False``: the weights keep ``objective``. Losses passed to
     ``update`` should be the nonnegative per-sample losses whose ``p``-mean you train on
