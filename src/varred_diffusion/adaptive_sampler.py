@@ -29,7 +29,7 @@ from torch import Tensor
 
 from varred.errors import VarRedError, shape_str
 from varred_diffusion.bins import SigmaBins
-from varred_diffusion.noise_levels import LogUniform, ObjectiveDensity, open_uniform
+from varred_diffusion.objective_densities import LogUniform, ObjectiveDensity, open_uniform
 
 __all__ = ["AdaptiveSigmaSampler"]
 

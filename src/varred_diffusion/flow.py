@@ -243,7 +243,9 @@ def flow_matching_taylor_cv(
     order = check_order(order)
     check_floating("x", x)
     if x.ndim < 2:
-        raise VarRedError(f"x: expected shape [B, ...] with at least 2 dimensions, got {shape_str(x)}")
+        raise VarRedError(
+            f"x: expected shape [B, ...] with at least 2 dimensions, got {shape_str(x)}"
+        )
     check_floating("noise", noise)
     if noise.shape != x.shape:
         raise VarRedError(f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}")

@@ -2,7 +2,7 @@
 
 Every sampler draws σ from its proposal density ``q`` on ``[σ_min, σ_max]`` and returns the
 importance weight ``w = p(σ)/q(σ)`` of the *objective* density ``p`` you pass as
-``objective=`` (anything with ``log_prob(sigma) -> [B]``, e.g. :class:`LogUniform`, the
+``objective=`` (anything with ``log_prob(sigma) -> [B]``, e.g. ``LogUniform``, the
 density of ``sampling.log_uniform_sigma``), so that ``E_q[w ℓ(σ)] = E_p[ℓ(σ)]`` exactly.
 With ``objective=None`` the sampler's own density *is* the objective: the weights are ones
 and ``changes_objective`` is ``True`` (you then train a different objective than the
@@ -18,46 +18,28 @@ log-SNR) carries the Jacobian ``|dz/dσ|`` (computed by autograd through ``g``).
 - :class:`EDMLogNormal`: ``log σ ~ N(P_mean, P_std²)`` (Karras et al., 2022).
 - :class:`LogitNormal`: ``logit t ~ N(m, s²)``, σ = σ(t) (Esser et al., 2024, SD3).
 - :class:`LaplaceLogSNR`: ``log-SNR ~ Laplace(μ, b)`` (Hang et al., 2025).
-- :class:`LogUniform`, :class:`Uniform`: objective densities (and samplers) on an interval.
-
-The adaptive Kingma–Gao proposal lives in :mod:`varred_diffusion.adaptive_sampler`.
+Objective densities (``LogUniform``, ``Uniform``) live in
+:mod:`varred_diffusion.objective_densities`; the adaptive Kingma–Gao proposal lives in :mod:`varred_diffusion.adaptive_sampler`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from varred.errors import VarRedError, check_floating
+from varred_diffusion.objective_densities import (
+    ObjectiveDensity,
+    check_sigma_interval,
+    open_uniform,
+)
 
-__all__ = [
-    "EDMLogNormal",
-    "LaplaceLogSNR",
-    "LogUniform",
-    "LogitNormal",
-    "ObjectiveDensity",
-    "Uniform",
-    "open_uniform",
-    "sigma_from_log_snr",
-]
+__all__ = ["EDMLogNormal", "LaplaceLogSNR", "LogitNormal", "sigma_from_log_snr"]
 
 F64 = torch.float64
-
-
-class ObjectiveDensity(Protocol):
-    """A density over σ: ``log_prob(sigma [B]) -> [B]`` (−inf outside its support)."""
-
-    def log_prob(self, sigma: Tensor) -> Tensor: ...
-
-
-def open_uniform(n: int, generator: torch.Generator | None, device: Any = None) -> Tensor:
-    """Uniforms in the open interval ``(0, 1)`` ``[n]`` (float64: ``rand + 2^-54``, never 0 or 1)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise VarRedError(f"n: expected a positive integer, got {n!r}")
-    return torch.rand(n, generator=generator, dtype=F64, device=device) + 2.0**-54
 
 
 def sigma_from_log_snr(schedule: Any, lam: Tensor) -> Tensor:
@@ -71,16 +53,6 @@ def sigma_from_log_snr(schedule: Any, lam: Tensor) -> Tensor:
     return torch.exp(-0.5 * lam)
 
 
-def _check_interval(lo: float, hi: float, *, allow_zero: bool = False) -> tuple[float, float]:
-    ok = (lo >= 0 if allow_zero else lo > 0) and lo < hi
-    if not ok or math.isnan(lo) or math.isnan(hi):
-        bound = "0 <=" if allow_zero else "0 <"
-        raise VarRedError(
-            f"sigma_min, sigma_max: expected {bound} sigma_min < sigma_max, got {lo}, {hi}"
-        )
-    return float(lo), float(hi)
-
-
 def _check_positive(name: str, v: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or math.isinf(v):
         raise VarRedError(f"{name}: expected a finite number > 0, got {v!r}")
@@ -89,90 +61,6 @@ def _check_positive(name: str, v: float) -> float:
 
 def _inside(sigma: Tensor, lo: float, hi: float) -> Tensor:
     return (sigma >= lo) & (sigma <= hi)
-
-
-class _Interval:
-    """An interval density's support and the protocol's ``sample``."""
-
-    sigma_min: float
-    sigma_max: float
-    changes_objective: bool
-
-    @property
-    def support(self) -> tuple[float, float]:
-        """``(σ_min, σ_max)``."""
-        return self.sigma_min, self.sigma_max
-
-    def _from_unit(self, u: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``σ ~ p`` ``[n]`` and weights (ones) ``[n]``."""
-        s = self._from_unit(open_uniform(n, generator))
-        s = s.clamp(self.sigma_min, self.sigma_max)
-        return s.to(dtype=dtype, device=device), torch.ones(n, dtype=dtype, device=device)
-
-
-class LogUniform(_Interval):
-    """Log-uniform density on ``[σ_min, σ_max]``: ``p(σ) = 1/(σ log(σ_max/σ_min))``.
-
-    The library's default objective (the density of ``log_uniform_sigma(u, σ_min, σ_max)``
-    and of ``ImportanceSigmaSampler``'s target); as a sampler its weights are ones and
-    ``changes_objective`` is ``False``.
-
-    Example:
-        >>> p = LogUniform(0.01, 100.0)
-        >>> round(float(p.log_prob(torch.tensor([1.0], dtype=torch.float64)).exp()), 6)  # 1/log(1e4)
-        0.108574
-    """
-
-    changes_objective = False
-
-    def __init__(self, sigma_min: float, sigma_max: float) -> None:
-        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max)
-        self._log_norm = math.log(math.log(self.sigma_max / self.sigma_min))
-
-    def log_prob(self, sigma: Tensor) -> Tensor:
-        """``log p(σ)`` ``[B]`` (float64; −inf outside ``[σ_min, σ_max]``)."""
-        s = check_floating("sigma", sigma).to(F64)
-        lp = -torch.log(s) - self._log_norm
-        return torch.where(_inside(s, self.sigma_min, self.sigma_max), lp, -math.inf)
-
-    def _from_unit(self, u: Tensor) -> Tensor:
-        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
-        return torch.exp(lo + u * (hi - lo))
-
-
-class Uniform(_Interval):
-    """Uniform density on ``[σ_min, σ_max]`` (σ_min may be 0): e.g. flow matching's ``t ~ U[0, 1]``.
-
-    As a sampler its weights are ones; ``changes_objective`` is ``True`` (it is not the
-    log-uniform default); as ``objective=`` it makes another sampler estimate the uniform-t
-    objective.
-    """
-
-    changes_objective = True
-
-    def __init__(self, sigma_min: float = 0.0, sigma_max: float = 1.0) -> None:
-        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max, allow_zero=True)
-        if math.isinf(self.sigma_max):
-            raise VarRedError(f"sigma_max: expected a finite value, got {sigma_max}")
-
-    def log_prob(self, sigma: Tensor) -> Tensor:
-        """``log p(σ) = −log(σ_max − σ_min)`` ``[B]`` inside, −inf outside (float64)."""
-        s = check_floating("sigma", sigma).to(F64)
-        lp = torch.full_like(s, -math.log(self.sigma_max - self.sigma_min))
-        return torch.where(_inside(s, self.sigma_min, self.sigma_max), lp, -math.inf)
-
-    def _from_unit(self, u: Tensor) -> Tensor:
-        return self.sigma_min + u * (self.sigma_max - self.sigma_min)
 
 
 # -- base distributions on z (closed-form CDFs and inverses, float64) ----------------
@@ -343,7 +231,7 @@ class EDMLogNormal(_Reparameterised):
     ) -> None:
         self.loc = float(p_mean)
         self.scale = _check_positive("p_std", p_std)
-        self.sigma_min, self.sigma_max = _check_interval(sigma_min, sigma_max, allow_zero=True)
+        self.sigma_min, self.sigma_max = check_sigma_interval(sigma_min, sigma_max, allow_zero=True)
         self._setup(objective)
 
     def _z(self, sigma: Tensor) -> Tensor:
@@ -384,7 +272,9 @@ class LogitNormal(_Reparameterised):
         self.loc = float(mean)
         self.scale = _check_positive("std", std)
         if not 0.0 <= t_min < t_max <= 1.0:
-            raise VarRedError(f"t_min, t_max: expected 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
+            raise VarRedError(
+                f"t_min, t_max: expected 0 <= t_min < t_max <= 1, got {t_min}, {t_max}"
+            )
         self.schedule = schedule
         ends = self._t_to_sigma(torch.tensor([t_min, t_max], dtype=F64))
         self.sigma_min, self.sigma_max = float(ends[0]), float(ends[1])
@@ -441,7 +331,7 @@ class LaplaceLogSNR(_Reparameterised):
             raise VarRedError(
                 "sigma_min, sigma_max: expected numbers (the schedule has none), got None"
             )
-        self.sigma_min, self.sigma_max = _check_interval(float(lo), float(hi), allow_zero=True)
+        self.sigma_min, self.sigma_max = check_sigma_interval(float(lo), float(hi), allow_zero=True)
         self._setup(objective)
 
     def _z(self, sigma: Tensor) -> Tensor:

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from varred.errors import VarRedError, check_floating
 
 __all__ = [
+    "PREDICTION_FORMS",
     "EDMWeighting",
     "LearnedUncertainty",
     "MinSNRWeighting",
-    "PREDICTION_FORMS",
     "lambda_from_form_weight",
 ]
 
@@ -105,7 +105,9 @@ class MinSNRWeighting:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
             raise VarRedError(f"gamma: expected a number > 0, got {gamma!r}")
         if math.isinf(gamma):
-            raise VarRedError(f"gamma: expected a finite number (use λ = σ² for no clipping), got {gamma}")
+            raise VarRedError(
+                f"gamma: expected a finite number (use λ = σ² for no clipping), got {gamma}"
+            )
         self.gamma = float(gamma)
         self.schedule = schedule
 
@@ -149,7 +151,11 @@ class EDMWeighting:
     """
 
     def __init__(self, sigma_data: float = 0.5, schedule: Any = None) -> None:
-        if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not sigma_data > 0:
+        if (
+            isinstance(sigma_data, bool)
+            or not isinstance(sigma_data, (int, float))
+            or not sigma_data > 0
+        ):
             raise VarRedError(f"sigma_data: expected a number > 0, got {sigma_data!r}")
         self.sigma_data = float(sigma_data)
         self.schedule = schedule
