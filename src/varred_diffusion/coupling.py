@@ -4,7 +4,7 @@ Tong et al. (2024), "Improving and generalizing flow-based generative models wit
 minibatch optimal transport" (OT-CFM); Pooladian et al. (2023), "Multisample flow matching".
 Within a batch, re-pair the noise draws with the data points by the exact assignment
 minimising ``Σ_i ‖x_i − ε_{π(i)}‖²`` (Hungarian / Jonker–Volgenant via
-``scipy.optimize.linear_sum_assignment``, ``O(B³)`` on the host).
+``scipy.optimize.linear_sum_assignment``, ``O(B³)`` on the host; scipy is optional).
 
 **Bias.** Each paired ``ε_{π(i)}`` is still marginally ``N(0, I)`` and each ``x_i`` is still a
 data point, but the pairs are no longer independent: the loss becomes the flow-matching
@@ -58,7 +58,10 @@ def ot_pair_noise(x: Tensor, noise: Tensor, *, max_batch: int = MAX_OT_BATCH) ->
         raise VarRedError(
             f"x: expected a batch of at most max_batch={max_batch} for the exact assignment, got {b}"
         )
-    from scipy.optimize import linear_sum_assignment
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError as err:  # scipy is optional: only this function needs it
+        raise ImportError("ot_pair_noise needs scipy (pip install scipy)") from err
 
     xf = x.detach().reshape(b, -1).to(torch.float64)  # [B, ...] -> [B, D]
     ef = noise.detach().reshape(b, -1).to(torch.float64)

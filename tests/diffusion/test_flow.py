@@ -215,6 +215,7 @@ def test_bad_input_names_the_argument(generator: torch.Generator) -> None:
 
 
 def test_ot_pairing_is_the_optimal_permutation(generator: torch.Generator) -> None:
+    pytest.importorskip("scipy")
     x = torch.randn(6, 3, generator=generator, dtype=F64)
     eps = torch.randn(6, 3, generator=generator, dtype=F64)
     paired = ot_pair_noise(x, eps)
