@@ -117,7 +117,7 @@ class _Reparameterised:
     def _sigma(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _setup(self, objective: ObjectiveDensity | None) -> None:
+    def _setup(self, objective: ObjectiveDensity | None, defensive: float = 0.0) -> None:
         _, cdf, _ = _BASES[self._base]
         ends = self._z(torch.tensor([self.sigma_min, self.sigma_max], dtype=F64))
         self._z_lo, self._z_hi = float(ends.min()), float(ends.max())
@@ -143,7 +143,15 @@ class _Reparameterised:
                     f"objective: its support {tuple(sup)} must lie inside the sampler's "
                     f"[{self.sigma_min}, {self.sigma_max}] (else the reweighting is biased)"
                 )
+        if not 0.0 <= defensive < 1.0:
+            raise VarRedError(f"defensive: expected a value in [0, 1), got {defensive}")
+        if defensive > 0 and not callable(getattr(objective, "sample", None)):
+            raise VarRedError(
+                "defensive: a mixture with the objective needs an objective with sample() "
+                f"(e.g. LogUniform), got {type(objective).__name__}"
+            )
         self.objective = objective
+        self.defensive = float(defensive)
 
     @property
     def changes_objective(self) -> bool:
@@ -156,10 +164,19 @@ class _Reparameterised:
         return self.sigma_min, self.sigma_max
 
     def log_prob(self, sigma: Tensor) -> Tensor:
-        """``log q(σ)`` ``[B]`` of the truncated proposal (float64; −inf outside the support).
+        """``log q(σ)`` ``[B]`` of the proposal (float64; −inf outside the support).
 
-        ``log q(σ) = log f(g(σ)) + log|g'(σ)| − log(F(z_hi) − F(z_lo))``, ``g'`` by autograd.
+        ``log q_0(σ) = log f(g(σ)) + log|g'(σ)| − log(F(z_hi) − F(z_lo))`` (``g'`` by
+        autograd); with ``defensive = δ > 0`` the proposal is ``(1 − δ) q_0 + δ p``.
         """
+        lq = self._log_prob_base(sigma)
+        if self.defensive == 0.0:
+            return lq
+        assert self.objective is not None
+        lp = self.objective.log_prob(sigma).to(F64).to(lq.device)
+        return torch.logaddexp(lq + math.log1p(-self.defensive), lp + math.log(self.defensive))
+
+    def _log_prob_base(self, sigma: Tensor) -> Tensor:
         s = check_floating("sigma", sigma).detach().to(F64)
         inside = _inside(s, self.sigma_min, self.sigma_max)
         safe = torch.where(inside, s, 0.5 * (self.sigma_min + min(self.sigma_max, 1e300)))
@@ -186,12 +203,17 @@ class _Reparameterised:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``σ ~ q`` ``[n]`` by inverse CDF on the truncated range, and weights ``[n]``."""
+        """``σ ~ q`` ``[n]`` (inverse CDF on the truncated range) and weights ``p(σ)/q(σ)`` ``[n]``."""
         _, _, icdf = _BASES[self._base]
         u = open_uniform(n, generator)
         z = icdf(self._f_lo + u * (self._f_hi - self._f_lo), self.loc, self.scale)
         z = z.clamp(self._z_lo, self._z_hi)
         s = self._sigma(z).clamp(self.sigma_min, self.sigma_max)
+        if self.defensive > 0:  # defensive mixture: a draw of the objective with prob. δ
+            assert self.objective is not None
+            pick = open_uniform(n, generator) < self.defensive
+            alt = self.objective.sample(n, generator, dtype=F64)[0]  # type: ignore[attr-defined]
+            s = torch.where(pick, alt.cpu(), s)
         w = self.weights_for(s)
         return s.to(dtype=dtype, device=device), w.to(dtype=dtype, device=device)
 
@@ -209,9 +231,14 @@ class EDMLogNormal(_Reparameterised):
         objective: density with ``log_prob`` whose expectation the weights keep (e.g.
             ``LogUniform(σ_min, σ_max)``), or ``None``: the log-normal is the objective,
             weights are ones and ``changes_objective`` is ``True``.
+        defensive: ``δ ∈ [0, 1)``: draw from ``(1 − δ) q + δ p`` instead (defensive
+            importance sampling, Hesterberg 1995), which bounds every weight by ``1/δ``;
+            needs an objective with ``sample`` (``LogUniform``, ``Uniform``). Reweighting to
+            a wide objective without it can have enormous weight variance (docs).
 
     Raises:
-        VarRedError: ``p_std ≤ 0``, a bad interval, or an objective whose support is wider.
+        VarRedError: ``p_std ≤ 0``, a bad interval, an objective whose support is wider,
+            ``defensive`` outside ``[0, 1)`` or without a samplable objective.
 
     Example:
         >>> s, w = EDMLogNormal().sample(4, torch.Generator().manual_seed(0))
@@ -228,11 +255,12 @@ class EDMLogNormal(_Reparameterised):
         sigma_min: float = 0.002,
         sigma_max: float = 80.0,
         objective: ObjectiveDensity | None = None,
+        defensive: float = 0.0,
     ) -> None:
         self.loc = float(p_mean)
         self.scale = _check_positive("p_std", p_std)
         self.sigma_min, self.sigma_max = check_sigma_interval(sigma_min, sigma_max, allow_zero=True)
-        self._setup(objective)
+        self._setup(objective, defensive)
 
     def _z(self, sigma: Tensor) -> Tensor:
         return torch.log(sigma)
@@ -254,8 +282,8 @@ class LogitNormal(_Reparameterised):
         mean, std: ``m`` and ``s`` of ``logit t`` (``std > 0``).
         t_min, t_max: truncation in t, ``0 ≤ t_min < t_max ≤ 1``.
         schedule: ``None`` (σ = t) or an object with ``t_to_sigma`` and ``sigma_to_t``.
-        objective: as for :class:`EDMLogNormal` (``Uniform(0, 1)`` is flow matching's
-            uniform-t objective).
+        objective, defensive: as for :class:`EDMLogNormal` (``Uniform(0, 1)`` is flow
+            matching's uniform-t objective).
     """
 
     _base = "normal"
@@ -268,6 +296,7 @@ class LogitNormal(_Reparameterised):
         t_max: float = 1.0,
         schedule: Any = None,
         objective: ObjectiveDensity | None = None,
+        defensive: float = 0.0,
     ) -> None:
         self.loc = float(mean)
         self.scale = _check_positive("std", std)
@@ -283,7 +312,7 @@ class LogitNormal(_Reparameterised):
                 f"schedule: expected t_to_sigma increasing on [t_min, t_max], got "
                 f"sigma {self.sigma_min} at t_min and {self.sigma_max} at t_max"
             )
-        self._setup(objective)
+        self._setup(objective, defensive)
 
     def _t_to_sigma(self, t: Tensor) -> Tensor:
         return t if self.schedule is None else self.schedule.t_to_sigma(t)
@@ -308,7 +337,7 @@ class LaplaceLogSNR(_Reparameterised):
         schedule: ``None`` (VE) or a schedule with ``log_snr`` (and ``sigma_from_log_snr``
             unless VE).
         sigma_min, sigma_max: truncation; ``None`` takes the schedule's (flow: 0 and 1).
-        objective: as for :class:`EDMLogNormal`.
+        objective, defensive: as for :class:`EDMLogNormal`.
     """
 
     _base = "laplace"
@@ -321,6 +350,7 @@ class LaplaceLogSNR(_Reparameterised):
         sigma_min: float | None = None,
         sigma_max: float | None = None,
         objective: ObjectiveDensity | None = None,
+        defensive: float = 0.0,
     ) -> None:
         self.loc = float(loc)
         self.scale = _check_positive("scale", scale)
@@ -332,7 +362,7 @@ class LaplaceLogSNR(_Reparameterised):
                 "sigma_min, sigma_max: expected numbers (the schedule has none), got None"
             )
         self.sigma_min, self.sigma_max = check_sigma_interval(float(lo), float(hi), allow_zero=True)
-        self._setup(objective)
+        self._setup(objective, defensive)
 
     def _z(self, sigma: Tensor) -> Tensor:
         if self.schedule is None:

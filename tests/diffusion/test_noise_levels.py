@@ -153,6 +153,10 @@ REWEIGHTED = {
     "laplace_vp_to_edm": lambda: LaplaceLogSNR(
         0.0, 2.0, schedule=VP_COS, objective=EDMLogNormal(-1.0, 0.5, 0.05, 0.9)
     ),
+    "edm_defensive": lambda: EDMLogNormal(objective=LogUniform(0.002, 80.0), defensive=0.2),
+    "laplace_flow_defensive": lambda: LaplaceLogSNR(
+        0.0, 0.5, schedule=RectifiedFlowSchedule(), objective=Uniform(0.0, 1.0), defensive=0.1
+    ),
 }
 
 
@@ -161,6 +165,9 @@ def test_weights_keep_the_objective(name: str, generator: torch.Generator) -> No
     q = REWEIGHTED[name]()
     assert not q.changes_objective
     _check_unbiased(q, _Dens(q.objective), *q.support, generator)
+    if q.defensive > 0:  # the mixture is a density, and bounds the weights by 1/δ
+        assert abs(_quad(_density(q), *q.support, kink=_kink(q)) - 1.0) < 1e-7
+        assert float(q.sample(20000, generator, dtype=F64)[1].max()) <= 1 / q.defensive + 1e-9
 
 
 def _warm(sam: AdaptiveSigmaSampler, gen: torch.Generator, steps: int = 30) -> None:
@@ -240,6 +247,10 @@ def test_bad_arguments_name_themselves() -> None:
         EDMLogNormal(objective=object())  # type: ignore[arg-type]
     with pytest.raises(VarRedError, match="n"):
         open_uniform(0, None)
+    with pytest.raises(VarRedError, match="defensive"):
+        EDMLogNormal(defensive=0.1)  # no objective to mix with
+    with pytest.raises(VarRedError, match="defensive"):
+        EDMLogNormal(objective=LogUniform(0.01, 1.0), defensive=1.0)
 
 
 def test_open_uniform_and_dtype(generator: torch.Generator) -> None:
