@@ -18,6 +18,7 @@ from varred_diffusion.flow import (
     ScoreFromVelocity,
     flow_matching_loss,
     flow_matching_taylor_cv,
+    flow_matching_weighting,
     score_to_velocity,
     velocity_to_score,
 )
@@ -72,7 +73,7 @@ def test_fm_loss_equals_dsm_form(generator: torch.Generator) -> None:
     fm = flow_matching_loss(net, x, t, eps)
     assert torch.allclose(fm, direct, rtol=1e-13)
     dsm = dsm_loss(
-        ScoreFromVelocity(net), x, t, eps, alpha=1 - t, weighting=lambda s: (s / (1 - s)) ** 2
+        ScoreFromVelocity(net), x, t, eps, alpha=1 - t, weighting=flow_matching_weighting
     )
     assert torch.allclose(dsm, fm, rtol=1e-10)
     assert flow_matching_loss(net, x, 0.0, eps).shape == (32,)  # t = 0 and 1 are allowed
