@@ -14,7 +14,8 @@ f P_b`` (``P_b``: the objective's mass in the bin; ``f``: the floor), and inside
 floor bounds every weight by ``1/f``; for others, by ``1/f`` times the variation of
 ``p(σ)σ`` inside a bin (more bins: closer to ``1/f``). The weight uses the objective's exact
 ``log_prob``, so the estimate is unbiased for *any* ``q`` (bin masses by quadrature only
-affect efficiency). Until every bin with objective mass has seen a loss, ``q_b = P_b``.
+affect efficiency). Before the first ``update`` ``q_b = P_b``; a bin that has not seen a
+loss yet takes the largest running mean of the others (optimistic, so it gets sampled).
 The proposal is ``E[ℓ]``-proportional (Kingma & Gao), not ``sqrt(E[ℓ²])`` as in
 ``ImportanceSigmaSampler`` (Nichol & Dhariwal, 2021), which minimises the variance.
 """
@@ -121,7 +122,7 @@ class AdaptiveSigmaSampler:
         return mass / mass.sum()
 
     def warmed_up(self) -> bool:
-        """Whether every bin with objective mass has a running mean loss."""
+        """Whether every bin with objective mass has its own running mean loss (informative)."""
         return bool(((self._counts > 0) | (self.objective_mass == 0)).all())
 
     def mean_losses(self) -> Tensor:
@@ -131,9 +132,11 @@ class AdaptiveSigmaSampler:
     def probabilities(self) -> Tensor:
         """Bin probabilities ``q_b`` ``[K]`` (float64)."""
         p = self.objective_mass
-        if not self.warmed_up():
+        seen = self._counts > 0
+        if not bool(seen.any()):
             return p.clone()
-        m = torch.nan_to_num(self.mean_losses(), nan=0.0).clamp(min=0.0)
+        m = self.mean_losses().clamp(min=0.0)
+        m = torch.where(seen, m, m[seen].max())  # unseen bins: the largest mean (optimistic)
         prop = p * m
         total = prop.sum()
         prop = prop / total if float(total) > 0 else p

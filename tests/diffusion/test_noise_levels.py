@@ -184,8 +184,8 @@ def test_adaptive_sampler_unbiased_and_proportional(objective: str, generator) -
     assert not sam.changes_objective
     assert torch.allclose(sam.probabilities(), sam.objective_mass)  # before warm-up: q_b = P_b
     _warm(sam, generator)
-    assert sam.warmed_up()
     p_b, m = sam.objective_mass, sam.mean_losses()
+    m = torch.where(torch.isnan(m), m.nan_to_num(-1.0).max(), m)  # unseen: largest mean
     expect = 0.8 * p_b * m / (p_b * m).sum() + 0.2 * p_b
     assert torch.allclose(sam.probabilities(), expect, rtol=1e-12)
     hi_bin = int(sam.bins.index(torch.tensor([5.0], dtype=F64)))
@@ -194,6 +194,17 @@ def test_adaptive_sampler_unbiased_and_proportional(objective: str, generator) -
     if obj is None:  # log-uniform objective: the floor bounds every weight by 1/f
         _, w = sam.sample(4000, generator, dtype=F64)
         assert float(w.max()) <= 1 / 0.2 * (1 + 1e-9)
+
+
+def test_adaptive_unseen_bins_are_optimistic() -> None:
+    sam = AdaptiveSigmaSampler(4, 0.1, 10.0, floor=0.5)
+    assert not sam.warmed_up()
+    sam.update(torch.tensor([0.15, 0.2], dtype=F64), torch.tensor([1.0, 3.0], dtype=F64))
+    # bin 0 has mean 2, bins 1-3 take 2 too: q stays uniform; then bin 3 learns 6
+    assert torch.allclose(sam.probabilities(), torch.full((4,), 0.25, dtype=F64))
+    sam.update(torch.tensor([9.0], dtype=F64), torch.tensor([6.0], dtype=F64))
+    q = sam.probabilities()  # means (2, 6, 6, 6) · 1/4 → (1/10, 3/10, 3/10, 3/10), floor 1/2
+    assert torch.allclose(q, 0.5 * torch.tensor([0.1, 0.3, 0.3, 0.3], dtype=F64) + 0.125)
 
 
 def test_adaptive_loguniform_weights_match_bin_ratio(generator: torch.Generator) -> None:
