@@ -7,15 +7,22 @@ from varred_diffusion.adapters import EpsFromScore as EpsFromScore
 from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
 from varred_diffusion.adapters import ScoreFromV as ScoreFromV
 from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
+from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler as AdaptiveSigmaSampler
 from varred_diffusion.auto import AutoStep as AutoStep
 from varred_diffusion.batch import Batch as Batch
 from varred_diffusion.bins import SigmaBins as SigmaBins
 from varred_diffusion.controls import AntitheticPairs as AntitheticPairs
 from varred_diffusion.controls import TaylorControl as TaylorControl
+from varred_diffusion.coupling import ot_pair_noise as ot_pair_noise
 from varred_diffusion.diagnostics import VarianceRatio as VarianceRatio
 from varred_diffusion.diagnostics import gradient_variance_ratio as gradient_variance_ratio
 from varred_diffusion.diagnostics import per_sample_gradients as per_sample_gradients
 from varred_diffusion.diagnostics import variance_ratio_by_sigma as variance_ratio_by_sigma
+from varred_diffusion.flow import RectifiedFlowSchedule as RectifiedFlowSchedule
+from varred_diffusion.flow import ScoreFromVelocity as ScoreFromVelocity
+from varred_diffusion.flow import flow_matching_loss as flow_matching_loss
+from varred_diffusion.flow import flow_matching_taylor_cv as flow_matching_taylor_cv
+from varred_diffusion.flow import flow_matching_weighting as flow_matching_weighting
 from varred_diffusion.losses import dsm_loss as dsm_loss
 from varred_diffusion.losses import loss_weights as loss_weights
 from varred_diffusion.losses import perturb as perturb
@@ -23,6 +30,11 @@ from varred_diffusion.models import MLPScore as MLPScore
 from varred_diffusion.models import SmallUNet as SmallUNet
 from varred_diffusion.models import init_parameters as init_parameters
 from varred_diffusion.models import parameter_count as parameter_count
+from varred_diffusion.noise_levels import EDMLogNormal as EDMLogNormal
+from varred_diffusion.noise_levels import LaplaceLogSNR as LaplaceLogSNR
+from varred_diffusion.noise_levels import LogitNormal as LogitNormal
+from varred_diffusion.objective_densities import LogUniform as LogUniform
+from varred_diffusion.objective_densities import Uniform as Uniform
 from varred_diffusion.recipe import NoiseLevelSampler as NoiseLevelSampler
 from varred_diffusion.recipe import Recipe as Recipe
 from varred_diffusion.recipe import Target as Target
@@ -44,24 +56,37 @@ from varred_diffusion.toy import ring8 as ring8
 from varred_diffusion.toy import score_error as score_error
 from varred_diffusion.training import ControlledDSM as ControlledDSM
 from varred_diffusion.training_step import TrainingStep as TrainingStep
+from varred_diffusion.weightings import EDMWeighting as EDMWeighting
+from varred_diffusion.weightings import LearnedUncertainty as LearnedUncertainty
+from varred_diffusion.weightings import MinSNRWeighting as MinSNRWeighting
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdaptiveSigmaSampler",
     "AntitheticPairs",
     "AutoStep",
     "Batch",
     "ControlledDSM",
     "DiffusersEpsAdapter",
+    "EDMLogNormal",
+    "EDMWeighting",
     "EpsFromScore",
     "GaussianMixture",
     "ImportanceSigmaSampler",
+    "LaplaceLogSNR",
+    "LearnedUncertainty",
+    "LogUniform",
     "LogUniformSigma",
+    "LogitNormal",
     "MLPScore",
+    "MinSNRWeighting",
     "NoiseLevelSampler",
     "Recipe",
+    "RectifiedFlowSchedule",
     "ScoreError",
     "ScoreFromEps",
     "ScoreFromV",
+    "ScoreFromVelocity",
     "ScoreFromX0",
     "SigmaBins",
     "SmallUNet",
@@ -69,6 +94,7 @@ __all__ = [
     "Target",
     "TaylorControl",
     "TrainingStep",
+    "Uniform",
     "VESchedule",
     "VPSchedule",
     "VarianceRatio",
@@ -77,11 +103,15 @@ __all__ = [
     "asymmetric",
     "dsm_loss",
     "dsm_taylor_cv",
+    "flow_matching_loss",
+    "flow_matching_taylor_cv",
+    "flow_matching_weighting",
     "gradient_variance_ratio",
     "init_parameters",
     "log_uniform_sigma",
     "loss_weights",
     "low_discrepancy_uniform",
+    "ot_pair_noise",
     "parameter_count",
     "per_sample_gradients",
     "perturb",

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
+from varred_diffusion.broadcast import append_dims, per_sample
 from varred_diffusion.losses import perturb
-from varred_diffusion.schedules import append_dims, per_sample
 from varred_diffusion.taylor_cv import dsm_taylor_cv
 
 __all__ = [

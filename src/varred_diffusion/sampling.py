@@ -16,6 +16,7 @@ from torch import Tensor
 
 from varred.errors import VarRedError, shape_str
 from varred_diffusion.bins import SigmaBins
+from varred_diffusion.objective_densities import LogUniform
 
 __all__ = [
     "ImportanceSigmaSampler",
@@ -94,18 +95,13 @@ def log_uniform_sigma(u: Tensor, sigma_min: float, sigma_max: float) -> Tensor:
     return torch.exp(lo + u * (hi - lo))
 
 
-class LogUniformSigma:
+class LogUniformSigma(LogUniform):
     """i.i.d. log-uniform σ on ``[sigma_min, sigma_max]``: the plain DSM sampler (weights 1).
 
-    Its density defines the objective the other σ samplers keep (``changes_objective`` is
-    ``False`` by convention: it is the reference).
+    The ``LogUniform`` objective density (``log_prob``, ``support``) drawn as
+    ``log_uniform_sigma`` of float64 uniforms on the generator's device; its density defines
+    the objective the other σ samplers keep (``changes_objective`` is ``False``).
     """
-
-    changes_objective = False
-
-    def __init__(self, sigma_min: float, sigma_max: float) -> None:
-        log_uniform_sigma(torch.zeros(1), sigma_min, sigma_max)  # validates the range
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     def _uniforms(self, n: int, generator: torch.Generator | None) -> Tensor:
         return torch.rand(n, generator=generator, dtype=torch.float64, device=_where(generator))
@@ -123,7 +119,7 @@ class LogUniformSigma:
             raise VarRedError(f"n: expected a positive integer, got {n}")
         sigma = log_uniform_sigma(self._uniforms(n, generator), self.sigma_min, self.sigma_max)
         sigma = sigma.to(dtype=dtype, device=device)
-        return sigma, torch.ones_like(sigma)
+        return sigma, torch.ones_like(sigma)  # [n], [n]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.sigma_min:g}, {self.sigma_max:g})"
