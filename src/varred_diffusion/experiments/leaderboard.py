@@ -49,6 +49,7 @@ from varred_diffusion.experiments.techniques import (
     design_name,
     is_adaptive,
     leaderboard_recipes,
+    objective_note,
 )
 from varred_diffusion.experiments.toysetup import ToyConfig, build_toy_job, make_mixture
 from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
@@ -263,6 +264,7 @@ def _row(
         "variance": var, "variance_ratio": ratio,
         "step_time_ratio": t / base["t"], "efficiency": efficiency(base["var"], base["t"], var, t),
         "variance_se": var_se, "variance_ratio_se": ratio_se, "recipe": recipe.name or name,
+        "objective": objective_note(recipe),
     }  # fmt: skip
 
 
@@ -312,13 +314,13 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
              "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run. "
              "± is the standard error of the variance ratio (jackknife over evaluation batches, "
              "given the fitted β).", "",
-             "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency | recipe |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency | objective | recipe |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["problem"], -r["efficiency"])):
         lines.append(
             f"| {r['problem']} | {r['design']} | {r['control']} | {BETA_NAMES.get(r['beta'], r['beta'])} | "
             f"{plus_minus(r['variance_ratio'], r['variance_ratio_se'])} | "
-            f"{r['step_time_ratio']:.2f} | {r['efficiency']:.3g} | {r['recipe']} |"
+            f"{r['step_time_ratio']:.2f} | {r['efficiency']:.3g} | {r['objective']} | {r['recipe']} |"
         )
     lines += [""] + [f"- {n}" for n in notes] + ["", f"Wall time {elapsed:.1f} s."]
     write_markdown(ctx.out / "summary.md", "\n".join(lines))

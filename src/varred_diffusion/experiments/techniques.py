@@ -14,11 +14,15 @@ from typing import Any
 
 from varred.errors import VarRedError
 from varred.layout import CoefficientLayout
+from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler
 from varred_diffusion.bins import SigmaBins
 from varred_diffusion.controls import AntitheticPairs, TaylorControl
 from varred_diffusion.experiments.problem import Problem
+from varred_diffusion.noise_levels import EDMLogNormal, LaplaceLogSNR
+from varred_diffusion.objective_densities import LogUniform
 from varred_diffusion.recipe import Recipe
 from varred_diffusion.sampling import ImportanceSigmaSampler, LogUniformSigma, StratifiedSigma
+from varred_diffusion.weightings import EDMWeighting, MinSNRWeighting
 
 __all__ = [
     "BETA_NAMES",
@@ -28,6 +32,7 @@ __all__ = [
     "design_name",
     "is_adaptive",
     "leaderboard_recipes",
+    "objective_note",
 ]
 
 Row = tuple[str, Recipe]
@@ -62,8 +67,16 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
         "bin": {"layout": CoefficientLayout("element", groups=SigmaBins(lo, hi, p.num_bins))},
     }
 
-    def row(name: str, sampler: Any, control: Any = None, kind: str | None = None) -> Row:
-        return name, Recipe(sampler=sampler, control=control, name=name, **beta.get(kind, {}))
+    def row(
+        name: str, sampler: Any, control: Any = None, kind: str | None = None, **parts: Any
+    ) -> Row:
+        recipe = Recipe(sampler=sampler, control=control, name=name, **beta.get(kind, {}), **parts)
+        return name, recipe
+
+    objective = LogUniform(lo, hi)  # the reweighted samplers keep the plain objective
+    edm = EDMLogNormal(sigma_min=lo, sigma_max=hi, objective=objective, defensive=0.1)
+    laplace = LaplaceLogSNR(sigma_min=lo, sigma_max=hi, objective=objective, defensive=0.1)
+    adaptive = AdaptiveSigmaSampler(p.num_bins, lo, hi, objective=objective)
 
     rows = [
         row("log-uniform σ (plain DSM)", iid),
@@ -72,6 +85,11 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
         row("low-discrepancy σ", ld),
         row("importance σ", imp),
         row("stratified σ + antithetic ε", strat, pairs),
+        row("EDM log-normal σ, reweighted (δ = 0.1)", edm),
+        row("Laplace log-SNR σ, reweighted (δ = 0.1)", laplace),
+        row("Kingma–Gao adaptive σ", adaptive),
+        row("Min-SNR-5 weighting (objective changed)", iid, weighting=MinSNRWeighting(5.0)),
+        row("EDM weighting (objective changed)", iid, weighting=EDMWeighting(0.5)),
         row("C^0, β = 1", iid, ck[0], "unit"),
         row("C^0, scalar β", iid, ck[0], "scalar"),
         row("C^0, per-element β", iid, ck[0], "element"),
@@ -102,6 +120,18 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
         row("stratified σ + antithetic ε + C^0, per-σ-bin β", strat, AntitheticPairs(ck[0]), "bin"),
     ]  # fmt: skip
     return [r for r in rows if control_order(r[1]) in (None, *p.orders)]
+
+
+def objective_note(recipe: Recipe) -> str:
+    """``"same"`` when the row estimates the plain objective's gradient, else what changed."""
+    notes = []
+    if recipe.weighting is not None:
+        notes.append("weighting")
+    if recipe.target is not None:
+        notes.append("target (biased)")
+    if getattr(recipe.sampler, "changes_objective", False):
+        notes.append("σ density")
+    return "same" if not notes else "changed: " + ", ".join(notes)
 
 
 def _taylor(recipe: Recipe) -> Any:
