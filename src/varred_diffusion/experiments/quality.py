@@ -112,8 +112,8 @@ def fashion_mnist_evaluator(
 ) -> tuple[FrechetEvaluator, float]:
     """The Fashion-MNIST evaluator: cached classifier, the first ``count`` test images as reference.
 
-    Trains the classifier on the 60,000 training images on first use (about 3 CPU-minutes
-    with the default settings) and caches it (see ``load_or_train_classifier``).
+    Trains the classifier on the 60,000 training images on first use (about 3.5
+    CPU-minutes with the default settings) and caches it (see ``load_or_train_classifier``).
 
     Returns:
         ``(evaluator, classifier test accuracy on all 10,000 test images)``.
