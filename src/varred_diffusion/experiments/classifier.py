@@ -45,7 +45,6 @@ class ClassifierSettings:
     Defaults: 91.0% test accuracy on Fashion-MNIST (3 epochs: 89.8%); 5 epochs over the
     60,000 training images take about 3.5 CPU-minutes on one thread.
 
-
     Attributes:
         width: channels of the first conv (the second has ``2 * width``).
         feature_dim: width of the penultimate layer (the Fréchet features).
