@@ -162,11 +162,11 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
     return rows, final
 
 
-def _time_to(rows: list[dict], target: float) -> float:
-    """First elapsed time at which the validation loss is ≤ ``target`` (NaN if never)."""
+def _time_to(rows: list[dict], target: float, key: str = "elapsed_s") -> float:
+    """``key`` (elapsed time or images) of the first evaluation with loss ≤ ``target`` (NaN if never)."""
     for r in rows:
         if r["val_loss"] <= target:
-            return float(r["elapsed_s"])
+            return float(r[key])
     return float("nan")
 
 
@@ -215,9 +215,11 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings)
             per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, k, mode)]
                         for k in range(s.seeds)]  # fmt: skip
             t = [_time_to(rows, target) for rows in per_seed]
+            n_img = [_time_to(rows, target, "images") for rows in per_seed]
             fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
             table.append({"mode": mode, "recipe": name, "target_val_loss": target,
-                          "time_to_target_s": _mean_se(t), "reached": sum(map(math.isfinite, t)),
+                          "time_to_target_s": _mean_se(t),
+                          "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
                           "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
                           "final_frechet": _mean_se([f["frechet"] for f in fin]),
                           "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
@@ -263,10 +265,11 @@ def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict
              f"validation loss on {s.val_sigmas} log-spaced σ × {s.val_size} held-out images; "
              f"Fréchet distance of {s.fd_count} Heun samples ({s.heun_steps} levels) on "
              "Fashion-MNIST classifier features. Mean ± standard error over seeds.", "",
-             "| budget | recipe | time to plain's final val loss (s) | reached | final val loss | final Fréchet |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| budget | recipe | time to plain's final val loss (s) | images to it | reached "
+             "| final val loss | final Fréchet |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res["table"]:
         lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
+                     f"{plus_minus(*r['images_to_target'])} | "
                      f"{r['reached']}/{s.seeds} | {plus_minus(*r['final_val_loss'], '.4g')} | "
                      f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
     lines += ["", f"Wall time {time.perf_counter() - t0:.1f} s."]
