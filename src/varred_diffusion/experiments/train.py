@@ -259,15 +259,18 @@ def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict
     )
     save_figure(out / "quality_vs_images.png",
                 _figure(res["curves"], "images", "images", names, ctx.dpi), dpi=ctx.dpi)  # fmt: skip
+    fd_text = (
+        f"Fréchet distance of {s.fd_count} Heun samples ({s.heun_steps} levels) on Fashion-MNIST "
+        "classifier features"
+        if s.fd_count > 0 and s.dataset == "fashion-mnist"
+        else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)"
+    )
     lines = [f"# train: time to quality on {s.dataset}", "",
              f"SmallUNet base {s.base}, batch {s.batch}, Adam lr {s.lr}, {s.seeds} seeds; budget "
              f"{s.budget_s:g} s of training wall-clock (evaluation excluded) or {s.images} images; "
              f"validation loss on {s.val_sigmas} log-spaced σ × {s.val_size} held-out images; "
-             (f"Fréchet distance of {s.fd_count} Heun samples ({s.heun_steps} levels) on "
-              "Fashion-MNIST classifier features" if s.fd_count > 0 and s.dataset == "fashion-mnist"
-              else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)") +
-             ". Target: the mean over seeds of plain's final validation loss (so plain itself "
-             "reaches it in about half its seeds). Mean ± standard error over seeds.", "",
+             f"{fd_text}. Target: the mean over seeds of plain's final validation loss (so plain "
+             "itself reaches it in about half its seeds). Mean ± standard error over seeds.", "",
              "| budget | recipe | time to plain's final val loss (s) | images to it | reached "
              "| final val loss | final Fréchet |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in res["table"]:
