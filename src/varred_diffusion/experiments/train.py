@@ -1,0 +1,283 @@
+"""``varred-repro train`` (draft): time to quality of training recipes, side by side.
+
+Each recipe trains a fresh ``SmallUNet`` (VE, σ log-uniform on [σ_min, σ_max]) for the
+same wall-clock budget and, separately, the same number of images, for several seeds.
+The deterministic validation loss (:mod:`.validation`) is measured every ``eval_every``
+steps (its time is excluded from the clock), the Fréchet distance (:mod:`.quality`,
+Fashion-MNIST only: its classifier needs the training split) at the end. Outputs:
+``curves.csv``, ``final.csv``, ``results.json``, ``quality_vs_wallclock.png``,
+``quality_vs_images.png`` and ``summary.md`` (time each recipe needs to reach the plain
+run's final validation loss, final Fréchet distance; mean ± standard error over seeds).
+
+A recipe, for now, is ``make_step(model) -> step(x [B, ...], generator) -> dict``: the step
+draws σ and ε from ``generator``, updates the model and returns floats (``"loss"``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor, nn
+
+from varred.errors import VarRedError
+from varred_diffusion.experiments.common import Context, optimizer_step
+from varred_diffusion.experiments.datasets import load_dataset
+from varred_diffusion.experiments.io import (
+    plus_minus,
+    save_figure,
+    write_csv,
+    write_json,
+    write_markdown,
+)
+from varred_diffusion.experiments.validation import ValidationSet, validation_loss
+
+__all__ = [
+    "Recipe",
+    "TrainSettings",
+    "controlled_recipe",
+    "plain_recipe",
+    "run_train",
+    "train_recipes",
+]
+
+Step = Callable[[Tensor, torch.Generator], dict[str, float]]
+Recipe = Callable[[nn.Module], Step]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Sizes of ``varred-repro train`` (defaults: Fashion-MNIST, 20 CPU-minutes per run)."""
+
+    dataset: str = "fashion-mnist"
+    base: int = 16
+    batch: int = 32
+    lr: float = 2e-4
+    sigma_min: float = 0.01
+    sigma_max: float = 10.0
+    seeds: int = 3
+    budget_s: float = 1200.0
+    images: int = 200_000
+    eval_every: int = 200
+    val_size: int = 512
+    val_sigmas: int = 16
+    fd_count: int = 2000
+    heun_steps: int = 18
+    limit: int | None = None
+
+
+def _settings(ctx: Context) -> TrainSettings:
+    s = TrainSettings(dataset=str(ctx.extra.get("dataset_name", "fashion-mnist")))
+    if ctx.quick:
+        s = replace(s, base=8, batch=4, seeds=2, budget_s=0.3, images=48, eval_every=4,
+                    val_size=16, val_sigmas=4, fd_count=0, heun_steps=2, limit=256)  # fmt: skip
+    return replace(s, **dict(ctx.extra.get("train_settings", {})))
+
+
+def _sigma(n: int, g: torch.Generator, s: TrainSettings) -> Tensor:
+    from varred_diffusion.sampling import log_uniform_sigma
+
+    return log_uniform_sigma(torch.rand(n, generator=g), s.sigma_min, s.sigma_max)
+
+
+def plain_recipe(s: TrainSettings, device: str = "cpu") -> Recipe:
+    """Plain DSM (λ = σ²) with Adam."""
+
+    def make_step(model: nn.Module) -> Step:
+        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+
+        def step(x: Tensor, g: torch.Generator) -> dict[str, float]:
+            sig, e = _sigma(x.shape[0], g, s), torch.randn(x.shape, generator=g)
+            return optimizer_step(opt, None, model, x, sig.to(device), e.to(device))
+
+        return step
+
+    return make_step
+
+
+def controlled_recipe(s: TrainSettings, device: str = "cpu", *, num_bins: int = 4) -> Recipe:
+    """DSM with the C^0 gradient control (``ControlledDSM``, per-element β per log-σ bin)."""
+    from varred_diffusion.bins import SigmaBins
+    from varred_diffusion.training import ControlledDSM
+
+    def make_step(model: nn.Module) -> Step:
+        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+        helper = ControlledDSM(model, model.parameters(), order=0,
+                               bins=SigmaBins(s.sigma_min, s.sigma_max, num_bins))  # fmt: skip
+
+        def step(x: Tensor, g: torch.Generator) -> dict[str, float]:
+            sig, e = _sigma(x.shape[0], g, s), torch.randn(x.shape, generator=g)
+            return optimizer_step(opt, helper, model, x, sig.to(device), e.to(device))
+
+        return step
+
+    return make_step
+
+
+def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, mode: str,
+         images: Tensor, vset: ValidationSet, fd: Any) -> tuple[list[dict], dict]:  # fmt: skip
+    from varred_diffusion.models import SmallUNet
+
+    model = SmallUNet(1, base=s.base, generator=ctx.generator("train-init", seed)).to(ctx.device)
+    step = recipe(model)
+    g = ctx.generator("train-data", seed)  # same data/σ/ε stream for every recipe
+    rows: list[dict] = []
+    clock, seen, i = 0.0, 0, 0
+
+    def record() -> None:
+        model.eval()
+        r = validation_loss(vset, model)
+        model.train()
+        rows.append({"recipe": name, "seed": seed, "mode": mode, "step": i, "images": seen,
+                     "elapsed_s": clock, **r.as_dict()})  # fmt: skip
+
+    record()
+    while (clock < s.budget_s) if mode == "wallclock" else (seen < s.images):
+        x = images[torch.randint(images.shape[0], (s.batch,), generator=g)].to(ctx.device)
+        t0 = time.perf_counter()
+        step(x, g)
+        if ctx.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        clock += time.perf_counter() - t0
+        seen, i = seen + s.batch, i + 1
+        if i % s.eval_every == 0:
+            record()
+    if rows[-1]["step"] != i:
+        record()
+    final = {"recipe": name, "seed": seed, "mode": mode, "steps": i, "images": seen,
+             "elapsed_s": clock, "val_loss": rows[-1]["val_loss"], "frechet": float("nan")}  # fmt: skip
+    if fd is not None:
+        model.eval()
+        final["frechet"] = fd.evaluate_model(model, ctx.generator("train-fd", seed),
+                                             count=s.fd_count, steps=s.heun_steps,
+                                             sigma_min=s.sigma_min, sigma_max=s.sigma_max,
+                                             device=ctx.device)  # fmt: skip
+    return rows, final
+
+
+def _time_to(rows: list[dict], target: float, key: str = "elapsed_s") -> float:
+    """``key`` (elapsed time or images) of the first evaluation with loss ≤ ``target`` (NaN if never)."""
+    for r in rows:
+        if r["val_loss"] <= target:
+            return float(r[key])
+    return float("nan")
+
+
+def _mean_se(v: list[float]) -> tuple[float, float]:
+    v = [x for x in v if math.isfinite(x)]
+    if not v:
+        return float("nan"), float("nan")
+    se = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return statistics.fmean(v), se
+
+
+def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings) -> dict[str, Any]:
+    """Train every recipe × seed × mode; return curves, finals and the summary table."""
+    if "plain" not in recipes:
+        raise VarRedError(
+            f"recipes: expected a 'plain' recipe (the reference), got {sorted(recipes)}"
+        )
+    train = load_dataset(s.dataset, "train" if s.dataset == "fashion-mnist" else "test",
+                         ctx.data_dir, limit=s.limit).images  # fmt: skip
+    held = load_dataset(s.dataset, "test", ctx.data_dir).images
+    vset = ValidationSet.build(held, ctx.generator("train-val"), size=min(s.val_size, len(held)),
+                               num_sigmas=s.val_sigmas, sigma_min=s.sigma_min,
+                               sigma_max=s.sigma_max).to(ctx.device)  # fmt: skip
+    fd = None
+    if s.fd_count > 0 and s.dataset == "fashion-mnist":
+        from varred_diffusion.experiments.quality import fashion_mnist_evaluator
+
+        fd, acc = fashion_mnist_evaluator(
+            count=s.fd_count, data_dir=ctx.data_dir, progress=ctx.progress
+        )
+        print(f"train: Fréchet classifier test accuracy {acc:.4f}", file=sys.stderr)
+    curves, finals = [], []
+    for mode in ("wallclock", "images"):
+        for name, recipe in recipes.items():
+            for seed in range(s.seeds):
+                rows, final = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
+                curves += rows
+                finals.append(final)
+    table = []
+    for mode in ("wallclock", "images"):
+        plain_final = [
+            f["val_loss"] for f in finals if f["mode"] == mode and f["recipe"] == "plain"
+        ]
+        target = statistics.fmean(plain_final)
+        for name in recipes:
+            per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, k, mode)]
+                        for k in range(s.seeds)]  # fmt: skip
+            t = [_time_to(rows, target) for rows in per_seed]
+            n_img = [_time_to(rows, target, "images") for rows in per_seed]
+            fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
+            table.append({"mode": mode, "recipe": name, "target_val_loss": target,
+                          "time_to_target_s": _mean_se(t),
+                          "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
+                          "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
+                          "final_frechet": _mean_se([f["frechet"] for f in fin]),
+                          "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
+    return {"settings": asdict(s), "curves": curves, "finals": finals, "table": table}
+
+
+def _figure(curves: list[dict], mode: str, x: str, recipes: list[str], dpi: int) -> Any:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, name in enumerate(recipes):
+        for k, seed in enumerate(sorted({r["seed"] for r in curves})):
+            rows = [r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, seed, mode)]
+            ax.plot([r[x] for r in rows], [r["val_loss"] for r in rows], color=f"C{c}",
+                    alpha=0.8, label=name if k == 0 else None)  # fmt: skip
+    ax.set(xlabel="training wall-clock (s)" if x == "elapsed_s" else "images seen",
+           ylabel="validation DSM loss (fixed σ grid)", yscale="log")  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict[str, Any]:
+    """``varred-repro train``: default recipes plain and C^0 (``ControlledDSM``)."""
+    s = _settings(ctx)
+    if recipes is None:
+        recipes = {"plain": plain_recipe(s, ctx.device), "c0": controlled_recipe(s, ctx.device)}
+    t0 = time.perf_counter()
+    res = train_recipes(ctx, recipes, s)
+    out = ctx.out
+    write_csv(out / "curves.csv", res["curves"])
+    write_csv(out / "final.csv", res["finals"])
+    write_json(out / "results.json", res)
+    names = list(recipes)
+    save_figure(
+        out / "quality_vs_wallclock.png",
+        _figure(res["curves"], "wallclock", "elapsed_s", names, ctx.dpi),
+        dpi=ctx.dpi,
+    )
+    save_figure(out / "quality_vs_images.png",
+                _figure(res["curves"], "images", "images", names, ctx.dpi), dpi=ctx.dpi)  # fmt: skip
+    fd_text = (
+        f"Fréchet distance of {s.fd_count} Heun samples ({s.heun_steps} levels) on Fashion-MNIST "
+        "classifier features"
+        if s.fd_count > 0 and s.dataset == "fashion-mnist"
+        else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)"
+    )
+    lines = [f"# train: time to quality on {s.dataset}", "",
+             f"SmallUNet base {s.base}, batch {s.batch}, Adam lr {s.lr}, {s.seeds} seeds; budget "
+             f"{s.budget_s:g} s of training wall-clock (evaluation excluded) or {s.images} images; "
+             f"validation loss on {s.val_sigmas} log-spaced σ × {s.val_size} held-out images; "
+             f"{fd_text}. Target: the mean over seeds of plain's final validation loss (so plain "
+             "itself reaches it in about half its seeds). Mean ± standard error over seeds.", "",
+             "| budget | recipe | time to plain's final val loss (s) | images to it | reached "
+             "| final val loss | final Fréchet |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in res["table"]:
+        lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
+                     f"{plus_minus(*r['images_to_target'])} | "
+                     f"{r['reached']}/{s.seeds} | {plus_minus(*r['final_val_loss'], '.4g')} | "
+                     f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
+    lines += ["", f"Wall time {time.perf_counter() - t0:.1f} s."]
+    write_markdown(out / "summary.md", "\n".join(lines))
+    return res
