@@ -56,7 +56,7 @@ def test_layout_and_keywords_conflict():
         VarRedError, match="layout: expected either layout= or the keywords num_groups"
     ):
         GradientControl([p], layout=CoefficientLayout(groups=2), num_groups=2)
-    with pytest.raises(VarRedError, match="layout: expected a varred.layout.CoefficientLayout"):
+    with pytest.raises(VarRedError, match=r"layout: expected a varred\.layout\.CoefficientLayout"):
         GradientControl([p], layout="element")
 
 

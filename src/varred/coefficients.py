@@ -4,8 +4,8 @@ Shapes used throughout: ``f_values [n, *out]``; ``controls [n, *out]`` (one cont
 per output) or ``[n, *out, m]`` (``m`` stacked controls). Internally both are
 flattened to ``f [n, P]`` and ``c [n, P, m]`` with ``P = prod(out)``.
 
-Statistics are sufficient sums ``(w, Σc, Σf, Σccᵀ, Σcf, Σf²)`` in float64, computed
-from detached values, so β is never differentiated through. A control with zero
+Statistics are centred weighted moments (:mod:`varred.moments`: weight, means of c and f,
+``Cov(c)``, ``Cov(c, f)``, ``Var f``) in float64, computed from detached values, so β is never differentiated through. A control with zero
 sample variance (relative to its second moment) gets β = 0, never NaN.
 References: Owen (2013) §8.9; Glasserman (2004) §4.1.
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.moments import Moments, batch_moments, check_decay, merge
 
 __all__ = ["OptimalCoefficient", "RunningMoments"]
 
@@ -54,18 +55,17 @@ def _flatten(
     return f_values.reshape(n, p), controls.reshape(n, p, m), out, stacked
 
 
-def _sums(f2: torch.Tensor, c3: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sufficient sums of ``f [n, P]``, ``c [n, P, m]`` in float64 (detached)."""
+_PAIRS = {
+    "cov_cc": ("c", "c", "...i,...j->...ij"),  # [P, m, m]
+    "cov_cf": ("c", "f", "...i,...->...i"),  # [P, m]
+    "cov_ff": ("f", "f", "...,...->..."),  # [P]
+}
+
+
+def _moments(f2: torch.Tensor, c3: torch.Tensor) -> Moments:
+    """Centred moments of ``f [n, P]``, ``c [n, P, m]`` in float64 (detached, two-pass)."""
     f = f2.detach().to(_STAT_DTYPE)
-    c = c3.detach().to(_STAT_DTYPE)
-    return {
-        "w": torch.tensor(float(f.shape[0]), dtype=_STAT_DTYPE, device=f.device),
-        "sc": c.sum(0),  # [P, m]
-        "sf": f.sum(0),  # [P]
-        "scc": torch.einsum("npi,npj->pij", c, c),  # [P, m, m]
-        "scf": torch.einsum("npi,np->pi", c, f),  # [P, m]
-        "sff": (f * f).sum(0),  # [P]
-    }
+    return batch_moments({"c": c3.detach().to(_STAT_DTYPE), "f": f}, _PAIRS)
 
 
 def _solve(cov: torch.Tensor, cf: torch.Tensor, m2: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -89,14 +89,11 @@ def _solve(cov: torch.Tensor, cf: torch.Tensor, m2: torch.Tensor, ridge: float) 
     return torch.where(ok, x / d, torch.zeros_like(x))
 
 
-def _beta_from_sums(s: dict[str, torch.Tensor], kind: str, ridge: float) -> torch.Tensor:
-    """β ``[P, m]`` (broadcast for ``scalar``) from sufficient sums."""
-    w = s["w"].clamp_min(torch.finfo(_STAT_DTYPE).tiny)
-    mc = s["sc"] / w  # [P, m]
-    mf = s["sf"] / w  # [P]
-    cov = s["scc"] / w - mc.unsqueeze(-1) * mc.unsqueeze(-2)  # [P, m, m]
-    cf = s["scf"] / w - mc * mf.unsqueeze(-1)  # [P, m]
-    m2 = torch.diagonal(s["scc"], dim1=-2, dim2=-1) / w  # [P, m]
+def _beta_from_moments(s: Moments, kind: str, ridge: float) -> torch.Tensor:
+    """β ``[P, m]`` (broadcast for ``scalar``) from centred moments."""
+    mc = s.mean["c"]  # [P, m]
+    cov, cf = s.cov["cov_cc"], s.cov["cov_cf"]  # [P, m, m], [P, m]
+    m2 = torch.diagonal(cov, dim1=-2, dim2=-1) + mc * mc  # [P, m] raw second moments
     if kind == "diagonal":
         var = torch.diagonal(cov, dim1=-2, dim2=-1)
         ok = (var > _VAR_RTOL * m2) & (var > 0)
@@ -125,13 +122,15 @@ def _apply(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tens
 
 
 class RunningMoments:
-    r"""Exponentially-weighted sufficient statistics for β across calls.
+    r"""Exponentially-weighted centred moments of ``(c, f)`` for β across calls.
 
-    After each :meth:`update` every sum ``S`` becomes ``decay·S + S_batch``
-    (``decay = 1`` keeps all history with equal weight).
+    After each :meth:`update` the running weight decays by ``decay`` and the batch is merged
+    in with weight ``n`` (Chan et al. 1979; :func:`varred.moments.merge`), so every statistic
+    is a weighted mean over batches with weights ``decay^age`` (``decay = 1``: all history
+    with equal weight).
 
     Args:
-        decay: forgetting factor in ``[0, 1]``.
+        decay: forgetting factor in ``(0, 1]``.
 
     Example:
         >>> rm = RunningMoments(decay=0.9)
@@ -141,21 +140,19 @@ class RunningMoments:
     """
 
     def __init__(self, decay: float = 0.99) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-            raise VarRedError(f"decay: expected a float in [0, 1], got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_decay(decay)
         self.reset()
 
     def reset(self) -> None:
         """Forget all statistics."""
-        self._sums: dict[str, torch.Tensor] | None = None
+        self._moments: Moments | None = None
         self._out: torch.Size | None = None
         self._stacked: bool | None = None
 
     @property
     def weight(self) -> float:
         """Total (decayed) number of samples seen; 0 before the first update."""
-        return 0.0 if self._sums is None else float(self._sums["w"])
+        return 0.0 if self._moments is None else float(self._moments.weight)
 
     def update(self, f_values: torch.Tensor, controls: torch.Tensor) -> None:
         """Fold a batch in.
@@ -169,21 +166,21 @@ class RunningMoments:
         """
         f2, c3, out, stacked = _flatten(f_values, controls)
         with torch.no_grad():
-            s = _sums(f2, c3)
-            if self._sums is None:
-                self._sums, self._out, self._stacked = s, out, stacked
+            s = _moments(f2, c3)
+            if self._moments is None:
+                self._moments, self._out, self._stacked = s, out, stacked
                 return
-            if (
-                out != self._out
-                or stacked != self._stacked
-                or c3.shape[-1] != self._sums["sc"].shape[-1]
-            ):
+            m = self._moments.mean["c"].shape[-1]
+            if out != self._out or stacked != self._stacked or c3.shape[-1] != m:
                 raise VarRedError(
                     f"controls: expected the layout of earlier calls (out {list(self._out or [])}, "
-                    f"m = {self._sums['sc'].shape[-1]}, stacked = {self._stacked}), got "
+                    f"m = {m}, stacked = {self._stacked}), got "
                     f"f_values {shape_str(f_values)} and controls {shape_str(controls)}"
                 )
-            self._sums = {k: self.decay * v + s[k].to(v.device) for k, v in self._sums.items()}
+            dev = self._moments.weight.device
+            s = Moments(s.weight.to(dev), {k: v.to(dev) for k, v in s.mean.items()},
+                        {k: v.to(dev) for k, v in s.cov.items()})  # fmt: skip
+            self._moments = merge(self._moments, s, _PAIRS, self.decay)
 
     def beta(self, kind: str = "diagonal", ridge: float = 0.0) -> torch.Tensor:
         """β from the statistics so far: ``[*out(, m)]`` (``[(m)]`` for ``scalar``).
@@ -193,31 +190,39 @@ class RunningMoments:
                 bad ``kind``.
         """
         _check_kind(kind)
-        if self._sums is None or self._out is None or self._stacked is None:
+        if self._moments is None or self._out is None or self._stacked is None:
             raise VarRedError("RunningMoments.beta: no statistics yet; call update() first")
         with torch.no_grad():
             return _public_beta(
-                _beta_from_sums(self._sums, kind, ridge), kind, self._out, self._stacked
+                _beta_from_moments(self._moments, kind, ridge), kind, self._out, self._stacked
             )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only: decay, layout and sums (empty sums before the first update)."""
-        dev = None if self._sums is None else self._sums["w"].device  # all on the sums' device
+        """Tensors only: decay, layout and moments (``weight``, ``mean_c``, ``mean_f``,
+        ``cov_cc``, ``cov_cf``, ``cov_ff``; none before the first update)."""
+        mom = self._moments
+        dev = None if mom is None else mom.weight.device  # all on the moments' device
         state = {"decay": torch.tensor(self.decay, dtype=_STAT_DTYPE, device=dev)}
-        if self._sums is not None and self._out is not None:
+        if mom is not None and self._out is not None:
             state["out_shape"] = torch.tensor(list(self._out), dtype=torch.long, device=dev)
             state["stacked"] = torch.tensor(bool(self._stacked), device=dev)
-            state.update({f"sum_{k}": v.clone() for k, v in self._sums.items()})
+            state["weight"] = mom.weight.clone()
+            state.update({f"mean_{k}": v.clone() for k, v in mom.mean.items()})
+            state.update({k: v.clone() for k, v in mom.cov.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.decay = float(state["decay"])
+        self.decay = check_decay(float(state["decay"]))
         self.reset()
         if "out_shape" in state:
             self._out = torch.Size(int(s) for s in state["out_shape"].tolist())
             self._stacked = bool(state["stacked"])
-            self._sums = {k[4:]: v.clone() for k, v in state.items() if k.startswith("sum_")}
+            self._moments = Moments(
+                state["weight"].clone(),
+                {k: state[f"mean_{k}"].clone() for k in ("c", "f")},
+                {k: state[k].clone() for k in _PAIRS},
+            )
 
 
 def _check_kind(kind: object) -> None:
@@ -268,8 +273,8 @@ class OptimalCoefficient:
             raise VarRedError(f"ridge: expected a finite float >= 0, got {r!r}")
         if self.fit == "running":
             object.__setattr__(self, "_moments", RunningMoments(self.decay))
-        elif isinstance(self.decay, bool) or not 0 <= self.decay <= 1:
-            raise VarRedError(f"decay: expected a float in [0, 1], got {self.decay!r}")
+        else:
+            check_decay(self.decay)
 
     @property
     def moments(self) -> RunningMoments | None:
@@ -291,7 +296,7 @@ class OptimalCoefficient:
             f2 = f2.detach().to(_STAT_DTYPE)
             f2 = f2 - f2.mean(0)  # shift: β is invariant, sums better scaled
             return _public_beta(
-                _beta_from_sums(_sums(f2, c3), self.kind, self.ridge), self.kind, out, stacked
+                _beta_from_moments(_moments(f2, c3), self.kind, self.ridge), self.kind, out, stacked
             )
 
     def controlled(
@@ -316,8 +321,8 @@ class OptimalCoefficient:
         if self.fit == "running":
             assert self._moments is not None
             with torch.no_grad():
-                if self._moments.weight > 0:
-                    b = _beta_from_sums(self._moments._sums or {}, self.kind, self.ridge)
+                if self._moments._moments is not None:
+                    b = _beta_from_moments(self._moments._moments, self.kind, self.ridge)
                 else:
                     b = torch.zeros(c3.shape[1:], dtype=_STAT_DTYPE, device=f2.device)
             y = _apply(f2, c3, b)
@@ -330,7 +335,7 @@ class OptimalCoefficient:
             fs = f2.detach().to(_STAT_DTYPE)
             fs = fs - fs.mean(0)  # [n, P]; β is shift-invariant in f
             if self.fit == "batch":
-                b = _beta_from_sums(_sums(fs, c3), self.kind, self.ridge)
+                b = _beta_from_moments(_moments(fs, c3), self.kind, self.ridge)
         if self.fit == "batch":
             y = _apply(f2, c3, b)
             return y.reshape(f_values.shape), _public_beta(b, self.kind, out, stacked)
@@ -340,19 +345,26 @@ class OptimalCoefficient:
                     f"folds: expected at most n = {n} folds (one sample each at least), got {self.folds}"
                 )
             bounds = [(k * n) // self.folds for k in range(self.folds + 1)]
-            fold_sums = [_sums(fs[a:b_], c3[a:b_]) for a, b_ in itertools.pairwise(bounds)]
-            total = {k: torch.stack([s[k] for s in fold_sums]).sum(0) for k in fold_sums[0]}
+            folds = [_moments(fs[a:b_], c3[a:b_]) for a, b_ in itertools.pairwise(bounds)]
             betas = [
-                _beta_from_sums({k: total[k] - s[k] for k in total}, self.kind, self.ridge)
-                for s in fold_sums
+                _beta_from_moments(_merge_all(folds[:k] + folds[k + 1 :]), self.kind, self.ridge)
+                for k in range(len(folds))
             ]
-            b_all = _beta_from_sums(total, self.kind, self.ridge)
+            b_all = _beta_from_moments(_merge_all(folds), self.kind, self.ridge)
         parts = [
             _apply(f2[a:b_], c3[a:b_], beta)
             for (a, b_), beta in zip(itertools.pairwise(bounds), betas)
         ]
         y = torch.cat(parts, 0)  # K x [n_k, P] -> [n, P]
         return y.reshape(f_values.shape), _public_beta(b_all, self.kind, out, stacked)
+
+
+def _merge_all(parts: list[Moments]) -> Moments:
+    """Pool the moments of disjoint sample sets (decay 1)."""
+    out = parts[0]
+    for m in parts[1:]:
+        out = merge(out, m, _PAIRS)
+    return out
 
 
 def _check_n(n: int, minimum: int, why: str) -> None:

@@ -21,14 +21,19 @@ import torch.distributed as dist
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.gradient_config import GradientControlConfig, check_params
 from varred.layout import CoefficientLayout
-from varred.moments import all_finite, merge_moments, moment_step, pooled_ratio, safe_div
+from varred.moments import Moments, all_finite, merge, merge_moments, observe, safe_div
 
-__all__ = ["GradientControl", "GradientControlConfig", "merge_moments", "pooled_ratio"]
+__all__ = ["GradientControl", "GradientControlConfig", "merge_moments"]
 
 Tensor = torch.Tensor
 _STATS = ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll")
-# running/fixed modes: moments of the applied (controlled) and plain step gradients, see _track
-_TRACK = ("track_weight", "ctl_mean", "plain_mean", "ctl_var", "plain_var")
+# running/fixed modes also track moments of the applied (controlled) and plain step gradients
+_EW = "...,...->..."  # element-wise covariances; "...,...->" keeps a trace
+_PAIRS = {"cov_cc": ("c", "c", _EW), "cov_cl": ("c", "l", _EW), "cov_ll": ("l", "l", _EW)}
+_TRACK_PAIRS = {
+    "ctl_var": ("ctl", "ctl", "...,...->"),
+    "plain_var": ("plain", "plain", "...,...->"),
+}
 
 
 def _resolve_layout(
@@ -228,30 +233,8 @@ class GradientControl:
         sd.update({k: v.clone() for k, v in self._track.items()})
         return sd
 
-    def _from_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Convert the per-parameter layout (``"cov_cl.0"``, …) of earlier versions to flat."""
-        npar = len(self.params)
-        if f"mean_c.{npar - 1}" not in state_dict or "mean_c" in state_dict:
-            return state_dict
-        out = {
-            k: v for k, v in state_dict.items() if not any(k.startswith(s + ".") for s in _STATS)
-        }
-        for k in _STATS:
-            parts = [state_dict.get(f"{k}.{i}") for i in range(npar)]
-            ts = [t for t in parts if isinstance(t, Tensor) and t.dim() > 0]
-            if len(ts) != npar:
-                return state_dict  # let the key check report it
-            out[k] = torch.cat([t.flatten(1) for t in ts], 1)  # [L, *p] -> [L, P]
-        out["num_elements"] = self._numel
-        out.update({k: v.clone() for k, v in self._track.items()})  # not in old checkpoints
-        return out
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict` (shapes must match).
-
-        The per-parameter key layout of earlier versions (``"cov_cl.0"``, …) is accepted too.
-        """
-        state_dict = self._from_legacy(dict(state_dict))
+        """Restore statistics saved by :meth:`state_dict` (shapes must match)."""
         mine = self.state_dict()
         if set(state_dict) != set(mine):
             raise VarRedError(f"state_dict: expected keys {sorted(mine)}, got {sorted(state_dict)}")
@@ -665,20 +648,19 @@ class GradientControl:
     # ---------------------------------------------------------------- statistics
     def _update(self, g_l: Tensor, g_c: Tensor, finite: Tensor, upd: Any) -> None:
         """Fold this step into the statistics, unless it was non-finite (masked, no sync)."""
+        st = self._stats
+        state = Moments(self._weight, {"c": st["mean_c"], "l": st["mean_l"]},
+                        {k: st[k] for k in _PAIRS})  # fmt: skip
+        decay = float(self.config.decay)
         if upd is not None:  # per-sample batch moments: the general merge (Chan et al.)
             batch, count = upd
-            new, new_w = merge_moments(
-                self._stats, self._weight, batch, count, float(self.config.decay)
-            )
-            self._stats = {k: torch.where(finite, new[k], self._stats[k]) for k in _STATS}
-            self._weight = torch.where(finite, new_w, self._weight)
-        else:  # running: one observation (g_c, g_ℓ) per step, weight 1, in place
-            st = self._stats
-            self._weight = moment_step(
-                self._weight, finite, [(st["mean_c"], g_c), (st["mean_l"], g_l[None])],
-                [(st["cov_cc"], 0, 0), (st["cov_cl"], 0, 1), (st["cov_ll"], 1, 1)],
-                float(self.config.decay),
-            )  # fmt: skip
+            bm = Moments(count, {"c": batch["mean_c"], "l": batch["mean_l"]},
+                         {k: batch[k] for k in _PAIRS})  # fmt: skip
+            new = merge(state, bm, _PAIRS, decay, finite)
+        else:  # running: one observation (g_c, g_ℓ) per step, weight 1
+            new = observe(state, {"c": g_c, "l": g_l[None]}, _PAIRS, decay, finite)
+        self._stats = {"mean_c": new.mean["c"], "mean_l": new.mean["l"], **new.cov}
+        self._weight = new.weight
         self._num_updates = self._num_updates + finite.long()
 
     def _update_track(self, ctl: Tensor, g_l: Tensor, ok: Tensor) -> None:
@@ -688,10 +670,13 @@ class GradientControl:
         the variances are kept as traces ``[]``.
         """
         t = self._track
-        t["track_weight"] = moment_step(
-            t["track_weight"], ok, [(t["ctl_mean"], ctl), (t["plain_mean"], g_l)],
-            [(t["ctl_var"], 0, 0), (t["plain_var"], 1, 1)], float(self.config.decay),
-        )  # fmt: skip
+        state = Moments(t["track_weight"].reshape(()), {"ctl": t["ctl_mean"], "plain": t["plain_mean"]},
+                        {"ctl_var": t["ctl_var"], "plain_var": t["plain_var"]})  # fmt: skip
+        new = observe(state, {"ctl": ctl, "plain": g_l}, _TRACK_PAIRS, float(self.config.decay), ok)
+        self._track = {
+            "track_weight": new.weight.reshape(1), "ctl_mean": new.mean["ctl"],
+            "plain_mean": new.mean["plain"], **new.cov,
+        }  # fmt: skip
 
     def _diagnostics(
         self, beta: Tensor, g_l: Tensor, g_c: Tensor, out: Tensor, finite: Tensor

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.moments import check_decay
 
 __all__ = ["GradientControlConfig", "check_params"]
 
@@ -48,10 +49,7 @@ class GradientControlConfig:
             raise VarRedError(
                 f"coefficient: expected 'running', 'per_sample' or a finite float, got {c!r}"
             )
-        if isinstance(self.decay, bool) or not isinstance(self.decay, numbers.Real):
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
-        if not 0.0 < float(self.decay) <= 1.0:
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
+        check_decay(self.decay)
         for name, low in (("num_groups", 1), ("warmup_steps", 0), ("folds", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:

@@ -3,7 +3,7 @@
 The building blocks of :func:`varred_diffusion.gradient_variance_ratio`: gradients of
 weighted per-sample losses/controls (one backward per sample or per unit), the additive
 sufficient statistics :class:`GradientMoments` of unit gradients ``g`` and binned control
-gradients ``h_b`` (float64, never the ``[N, P]`` matrix), the variance-minimising β of each
+gradients ``h_b`` (centred, float64, never the ``[N, P]`` matrix), the variance-minimising β of each
 kind (``unit``, ``scalar``, ``element``, ``bin``) and ``tr Cov[g − Σ_b β_b ⊙ h_b]``.
 """
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from varred.errors import VarRedError
+from varred.moments import batch_moments, covariance, empty_moments, merge
 
 __all__ = [
     "COEFFICIENT_KINDS",
@@ -126,45 +127,51 @@ def per_sample_gradients(
     return weighted_gradients(values, list(named.values()), eye, retain_graph=False)
 
 
-class GradientMoments:
-    """Streaming sums of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
+_PAIRS = {
+    "gg": ("g", "g", "...,...->..."),  # Var g [P]
+    "gh": ("g", "h", "p,bp->bp"),  # Cov(g, h_b) [nb, P]
+    "hh": ("h", "h", "bp,cp->bcp"),  # Cov(h_b, h_c) [nb, nb, P]
+}
 
-    Holds ``n``, ``Σg``, ``Σh_b``, ``Σg²``, ``Σg h_b`` and ``Σh_b h_b'`` per element, in
-    float64: enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with any β.
+
+class GradientMoments:
+    """Streaming centred moments of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
+
+    One :class:`varred.moments.Moments` state (float64, on the CPU): the weight, the means of
+    ``g`` and ``h_b`` and the centred ``Var g``, ``Cov(g, h_b)``, ``Cov(h_b, h_c)`` per element,
+    merged batch by batch (Chan et al. 1979): enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with
+    any β, without cancellation when the mean dominates.
+
+    Args:
+        num_params: ``P``.
+        num_bins: ``nb``.
     """
 
     def __init__(self, num_params: int, num_bins: int = 1) -> None:
         self.num_bins = int(num_bins)
         p, nb = int(num_params), self.num_bins
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n = 0
-        self.sg, self.sgg = z(p), z(p)
-        self.sh, self.sgh = z(nb, p), z(nb, p)
-        self.shh = z(nb, nb, p)
+        self.n = 0  # number of units added
+        kw = {"dtype": torch.float64}
+        self.state = empty_moments({"g": (p,), "h": (nb, p)}, _PAIRS, **kw)
 
-    def update(self, g: Tensor, h: Tensor | None = None) -> None:
-        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (or ``None``: no control); kept on the CPU."""
+    def update(self, g: Tensor, h: Tensor | None = None, weights: Tensor | None = None) -> None:
+        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control), optional unit
+        ``weights [U]`` (default 1); kept on the CPU."""
         g = g.detach().double().cpu()
+        hh = (
+            torch.zeros(g.shape[0], self.num_bins, g.shape[1], dtype=torch.float64)
+            if h is None
+            else h.detach().double().cpu()
+        )
+        w = None if weights is None else weights.detach().double().cpu()
+        self.state = merge(self.state, batch_moments({"g": g, "h": hh}, _PAIRS, w), _PAIRS)
         self.n += g.shape[0]
-        self.sg += g.sum(0)
-        self.sgg += (g * g).sum(0)
-        if h is not None:
-            h = h.detach().double().cpu()
-            self.sh += h.sum(0)
-            self.sgh += torch.einsum("up,ubp->bp", g, h)
-            self.shh += torch.einsum("ubp,ucp->bcp", h, h)
 
     def covariances(self) -> tuple[Tensor, Tensor, Tensor]:
         """Unbiased ``Var g [P]``, ``Cov(g, h_b) [nb, P]``, ``Cov(h_b, h_c) [nb, nb, P]``."""
         if self.n < 2:
             raise VarRedError(f"moments: need at least 2 units, got {self.n}")
-        n = self.n
-        mg, mh = self.sg / n, self.sh / n
-        c = n / (n - 1)
-        vg = (self.sgg / n - mg * mg) * c
-        cgh = (self.sgh / n - mh * mg) * c
-        chh = (self.shh / n - mh[:, None] * mh[None, :]) * c
-        return vg, cgh, chh
+        return tuple(covariance(self.state, k, unbiased=True) for k in _PAIRS)  # type: ignore[return-value]
 
 
 def fit_coefficients(
