@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.flat_grad import flat_grad, flat_grad_rows
 from varred.gradient_config import GradientControlConfig, check_params
 from varred.layout import CoefficientLayout
 from varred.moments import Moments, all_finite, merge, merge_moments, observe, safe_div
@@ -118,8 +119,9 @@ class GradientControl:
         group_backward: how the ``G`` group (or ``B`` per-sample) backward passes of the
             controls run: ``"batched"`` (one ``is_grads_batched`` pass), ``"loop"`` (one pass
             each; for graphs with ops that have no vmap batching rule, e.g. ``torch.func.jvp``)
-            or ``"auto"`` (default: try batched, fall back to the loop on ``RuntimeError`` and
-            remember the choice for later steps).
+            or ``"auto"`` (default: try batched, fall back to the loop when the graph has no
+            vmap batching rule, never on out-of-memory or device errors, and remember the
+            choice for later steps).
         shrinkage: per-element β only: κ ≥ 0 pseudo-observations of the per-tensor β,
             ``β_e = (Cov_e + a β_tensor) / (Var_e + a)`` with ``a = κ · mean Var / weight``
             (``weight`` ≈ steps seen, or samples in per-sample mode), so β starts near the
@@ -499,47 +501,31 @@ class GradientControl:
     def _grads(
         self, out: Tensor, w: Tensor, batched: bool, retain: bool, name: str | None = None
     ) -> Tensor:
-        """Flat ``autograd.grad`` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``, or ``[R, B]``
-        batched rows → ``[R, P]``), unused parameters as zeros, in the statistics dtype;
-        ``name`` set: all unused is an error."""
+        """:func:`~varred.flat_grad.flat_grad` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``,
+        or ``[R, B]`` batched rows → ``[R, P]``) in the statistics dtype, unscaled."""
         if self._scale is not None:
             w = w * self._scale.to(w.dtype)
-        gs = torch.autograd.grad(
-            out, self.params, grad_outputs=w, retain_graph=retain,
-            allow_unused=True, is_grads_batched=batched,
-        )  # fmt: skip
-        if name is not None and all(g is None for g in gs):
-            raise VarRedError(
-                f"{name}: expected values that depend on params, got a graph that reaches none "
-                f"of the {len(self.params)} parameter tensors"
-            )
-        lead = (w.shape[0],) if batched else ()
-        parts = [
-            torch.zeros((*lead, n), dtype=self._dtype, device=self._device)
-            if g is None else g.detach().reshape((*lead, n))
-            for g, n in zip(gs, self._sizes)
-        ]  # fmt: skip
-        flat = torch.cat(parts, dim=-1).to(self._dtype)  # [*lead, P], one cat
+        flat = flat_grad(
+            out, self.params, w, batched=batched, retain_graph=retain, dtype=self._dtype, name=name
+        )
         return flat if self._scale is None else flat / self._scale
 
     def _grad_rows(self, out: Tensor, w: Tensor, retain: bool, name: str | None = None) -> Tensor:
-        """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember)."""
+        """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember).
+
+        ``auto`` falls back to the loop only when the batched pass hits a missing vmap
+        batching rule (:func:`~varred.flat_grad.is_vmap_unsupported`), and remembers it.
+        """
         key = name or "controls"
         choice = self._batched_choice[key]
-        if choice is not False:
-            try:
-                rows = self._grads(out, w, True, retain or choice is None, name)
-            except RuntimeError:  # e.g. a batching rule that fails under jvp (GroupNorm + SiLU)
-                if choice is not None:
-                    raise
-                self._batched_choice[key] = False
-            else:
-                self._batched_choice[key] = True
-                return rows
-        last = w.shape[0] - 1
-        return torch.stack(
-            [self._grads(out, r, False, retain or j < last, name) for j, r in enumerate(w)]
+        mode = "auto" if choice is None else ("batched" if choice else "loop")
+        if self._scale is not None:
+            w = w * self._scale.to(w.dtype)
+        rows, used = flat_grad_rows(
+            out, self.params, w, mode=mode, retain_graph=retain, dtype=self._dtype, name=name
         )
+        self._batched_choice[key] = used
+        return rows if self._scale is None else rows / self._scale
 
     def _batch_gradients(
         self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any,

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from varred.errors import VarRedError
-from varred.moments import batch_moments, covariance, empty_moments, merge
+from varred.flat_grad import flat_grad, flat_grad_rows, is_vmap_unsupported
+from varred.moments import Moments, batch_moments, covariance, empty_moments, merge
 
 __all__ = [
     "COEFFICIENT_KINDS",
@@ -37,8 +38,8 @@ def weighted_gradients(
 ) -> Tensor:
     """Gradients of ``Σ_i weights[k, i] · values[i]`` for every row ``k``.
 
-    One batched backward (``torch.autograd.grad(..., is_grads_batched=True)``); falls back
-    to a loop of backwards if an operation has no batching rule.
+    One batched backward (``is_grads_batched``); a loop of backwards only if an operation has
+    no vmap batching rule (:func:`varred.flat_grad.flat_grad_rows`).
 
     Args:
         values: ``[B]`` differentiable per-sample values.
@@ -48,32 +49,10 @@ def weighted_gradients(
     Returns:
         ``[K, P]`` flattened gradients (float64); parameters outside the graph give zeros.
     """
-    params = list(params)
-    w = weights.to(values.dtype)
-    try:
-        grads = torch.autograd.grad(
-            values, params, grad_outputs=w, is_grads_batched=True,
-            retain_graph=retain_graph, allow_unused=True,
-        )  # fmt: skip
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(
-                values, params, grad_outputs=w[k], retain_graph=True, allow_unused=True
-            )
-            for k in range(w.shape[0])
-        ]
-        grads = tuple(
-            torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
-            for j, p in enumerate(params)
-        )
-    k = w.shape[0]
-    flat = [
-        (
-            g if g is not None else torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
-        ).reshape(k, -1)
-        for g, p in zip(grads, params)
-    ]
-    return torch.cat(flat, dim=1).double()  # [K, P]
+    rows, _ = flat_grad_rows(
+        values, list(params), weights, retain_graph=retain_graph, dtype=torch.float64
+    )
+    return rows
 
 
 def per_sample_gradients(
@@ -119,8 +98,8 @@ def per_sample_gradients(
         try:
             g = vmap(grad(one), in_dims=(None, 0, 0, 0))(detached, x, sigma, noise)
             return torch.cat([g[k].reshape(x.shape[0], -1) for k in named], dim=1).double()
-        except Exception:
-            if method == "vmap":
+        except (RuntimeError, NotImplementedError) as err:  # only a vmap limitation falls back
+            if method == "vmap" or not is_vmap_unsupported(err):
                 raise
     values = value_fn(lambda xx, ss: model(xx, ss), x, sigma, noise)
     eye = torch.eye(x.shape[0], dtype=values.dtype, device=values.device)
@@ -134,10 +113,15 @@ _PAIRS = {
 }
 
 
+def _to(m: Moments, device: torch.device) -> Moments:
+    return Moments(m.weight.to(device), {k: v.to(device) for k, v in m.mean.items()},
+                   {k: v.to(device) for k, v in m.cov.items()})  # fmt: skip
+
+
 class GradientMoments:
     """Streaming centred moments of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
 
-    One :class:`varred.moments.Moments` state (float64, on the CPU): the weight, the means of
+    One :class:`varred.moments.Moments` state (float64, on the gradients' device): the weight, the means of
     ``g`` and ``h_b`` and the centred ``Var g``, ``Cov(g, h_b)``, ``Cov(h_b, h_c)`` per element,
     merged batch by batch (Chan et al. 1979): enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with
     any β, without cancellation when the mean dominates.
@@ -156,14 +140,14 @@ class GradientMoments:
 
     def update(self, g: Tensor, h: Tensor | None = None, weights: Tensor | None = None) -> None:
         """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control), optional unit
-        ``weights [U]`` (default 1); kept on the CPU."""
-        g = g.detach().double().cpu()
+        ``weights [U]`` (default 1); the statistics live on ``g``'s device."""
+        g = g.detach().double()
+        if self.n == 0:
+            self.state = _to(self.state, g.device)
         hh = (
-            torch.zeros(g.shape[0], self.num_bins, g.shape[1], dtype=torch.float64)
-            if h is None
-            else h.detach().double().cpu()
+            g.new_zeros(g.shape[0], self.num_bins, g.shape[1]) if h is None else h.detach().double()
         )
-        w = None if weights is None else weights.detach().double().cpu()
+        w = None if weights is None else weights.detach().to(g)
         self.state = merge(self.state, batch_moments({"g": g, "h": hh}, _PAIRS, w), _PAIRS)
         self.n += g.shape[0]
 
@@ -190,10 +174,10 @@ def fit_coefficients(
     out: dict[str, Tensor] = {}
     for kind in kinds:
         if kind == "unit":
-            beta = torch.ones(nb, p, dtype=torch.float64)
+            beta = torch.ones(nb, p, dtype=torch.float64, device=cgh.device)
         elif kind == "scalar":
             den = var_tot.sum()
-            b = cov_tot.sum() / den if den > 0 else torch.zeros((), dtype=torch.float64)
+            b = torch.where(den > 0, cov_tot.sum() / den.clamp_min(1e-300), 0.0)  # no sync
             beta = b.expand(nb, p).clone()
         elif kind == "element":
             b = torch.where(
@@ -224,13 +208,6 @@ def controlled_variance(moments: GradientMoments, beta: Tensor | None = None) ->
     return float(var.sum())
 
 
-def _flat_grad(value: Tensor, params: Sequence[Tensor], retain: bool) -> Tensor:
-    grads = torch.autograd.grad(value, list(params), retain_graph=retain, allow_unused=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    ).double()
-
-
 def unit_gradients(
     losses: Tensor,
     controls: Tensor | None,
@@ -253,18 +230,16 @@ def unit_gradients(
         ``g [P]`` and ``h [nb, P]`` (float64); absent bins are zero.
     """
     m = losses.shape[0]
-    w = (
-        torch.full((m,), 1.0 / m, dtype=losses.dtype)
-        if weights is None
-        else weights.to(losses.dtype)
+    dev = losses.device
+    w = torch.full((m,), 1.0 / m, dtype=losses.dtype, device=dev) if weights is None else weights
+    w = w.to(dtype=losses.dtype, device=dev)
+    g = flat_grad(
+        (w * losses).sum(), params, retain_graph=controls is not None, dtype=torch.float64
     )
-    idx = torch.zeros(m, dtype=torch.long) if bin_index is None else bin_index.long()
-    present = sorted(set(idx.tolist()))
-    g = _flat_grad((w * losses).sum(), params, retain=controls is not None)
-    h = torch.zeros(num_bins, g.shape[0], dtype=torch.float64, device=g.device)
     if controls is None:
-        return g, h
-    for j, b in enumerate(present):
-        mask = (idx == b).to(controls)
-        h[b] = _flat_grad((w * mask * controls).sum(), params, retain=j < len(present) - 1)
+        return g, g.new_zeros(num_bins, g.shape[0])
+    idx = torch.zeros(m, dtype=torch.long, device=dev) if bin_index is None else bin_index.long()
+    onehot = idx[None, :] == torch.arange(num_bins, device=dev)[:, None]  # [nb, m], no sync
+    h, _ = flat_grad_rows(controls, params, onehot.to(controls.dtype) * w.to(controls.dtype),
+                          dtype=torch.float64)  # fmt: skip
     return g, h

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from varred.errors import VarRedError
-from varred.moments import batch_moments, covariance, empty_moments, merge
+from varred.moments import Moments, batch_moments, covariance, empty_moments, merge
 
 __all__ = ["BlockSums", "jackknife_stderr", "resolve_num_blocks"]
 
@@ -68,6 +68,11 @@ def jackknife_stderr(leave_out: Tensor) -> float:
 _PAIRS = {"var": ("d", "d", "cp,cp->c")}  # tr Cov(d) per column: [C]
 
 
+def _to(m: Moments, device: torch.device) -> Moments:
+    return Moments(m.weight.to(device), {k: v.to(device) for k, v in m.mean.items()},
+                   {k: v.to(device) for k, v in m.cov.items()})  # fmt: skip
+
+
 class BlockSums:
     """Per-block centred moments of controlled unit gradients for fixed coefficients.
 
@@ -108,31 +113,39 @@ class BlockSums:
         self.num_blocks = j
         c, p = len(betas), int(num_params)
         nb = max([b.shape[0] for b in betas if b is not None], default=1)
-        self._beta = torch.zeros(c, nb, p, dtype=torch.float64)  # plain columns: β = 0
+        dev = next((b.device for b in betas if b is not None), None)
+        self._beta = torch.zeros(c, nb, p, dtype=torch.float64, device=dev)  # plain: β = 0
         for col, b in enumerate(betas):
             if b is not None:
-                self._beta[col] = b.detach().double().cpu()
+                self._beta[col] = b.detach().double().to(self._beta.device)
         self.n = 0
         self.blocks = [empty_moments({"d": (c, p)}, _PAIRS, dtype=torch.float64) for _ in range(j)]
 
     def update(self, g: Tensor, h: Tensor | None = None) -> None:
         """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control); kept on the CPU."""
-        g = g.detach().double().cpu()
+        g = g.detach().double()
         u = g.shape[0]
         if self.n + u > self.num_units:
             raise VarRedError(
                 f"g: expected at most {self.num_units - self.n} more units "
                 f"(num_units = {self.num_units}), got {u}"
             )
-        block = torch.arange(self.n, self.n + u) * self.num_blocks // self.num_units  # [U]
+        if self.n == 0:  # the statistics live on the gradients' device
+            self._beta = self._beta.to(g.device)
+            self.blocks = [_to(m, g.device) for m in self.blocks]
         if h is None:  # no control: every column is the plain g
             d = g[:, None].expand(u, self._beta.shape[0], g.shape[1])
         else:
             # [U, 1, nb, P] × [C, nb, P] -> [U, C, P]: d = g − Σ_b β_b ⊙ h_b (β = 0: plain)
-            d = g[:, None] - (self._beta[None] * h.detach().double().cpu()[:, None]).sum(2)
-        for b in block.unique().tolist():
-            part = batch_moments({"d": d[block == b]}, _PAIRS)
+            d = g[:, None] - (self._beta[None] * h.detach().to(g)[:, None]).sum(2)
+        j, n = self.num_blocks, self.num_units
+        lo = 0
+        while lo < u:  # the units of one block are contiguous: slice them (no host sync)
+            b = (self.n + lo) * j // n
+            hi = min(u, -(-(b + 1) * n // j) - self.n)  # first unit of block b + 1
+            part = batch_moments({"d": d[lo:hi]}, _PAIRS)
             self.blocks[b] = merge(self.blocks[b], part, _PAIRS)
+            lo = hi
         self.n += u
 
     def _check(self) -> None:
