@@ -105,7 +105,10 @@ def test_fixed_coefficient_equals_controlled_objective(
 @pytest.mark.parametrize("coefficient", [0.0, "running"])
 def test_zero_coefficient_is_plain_gradient_bit_for_bit(coefficient, generator):
     net = mlp()
-    x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+    x, z = (
+        torch.randn(6, 3, generator=generator, dtype=F64),
+        torch.randn(6, 3, generator=generator, dtype=F64),
+    )
     ctrl = GradientControl(net.parameters(), coefficient=coefficient)  # running: in warmup
     d = ctrl.backward(*mlp_batch(net, x, z))
     got = grads(net.parameters())
@@ -118,7 +121,10 @@ def test_zero_coefficient_is_plain_gradient_bit_for_bit(coefficient, generator):
 
 def test_grad_is_overwritten_not_accumulated(generator):
     net = mlp()
-    x, z = torch.randn(4, 3, generator=generator, dtype=F64), torch.randn(4, 3, dtype=F64)
+    x, z = (
+        torch.randn(4, 3, generator=generator, dtype=F64),
+        torch.randn(4, 3, generator=generator, dtype=F64),
+    )
     ctrl = GradientControl(net.parameters(), coefficient=0.3)
     ctrl.backward(*mlp_batch(net, x, z))
     first = grads(net.parameters())
@@ -224,7 +230,9 @@ def test_groups_beat_shared_beta(generator):
 def test_per_sample_running_beta_is_batch_ols(generator):
     prob = Linear(generator)
     groups = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])
-    ctrl = GradientControl([prob.theta], coefficient="per_sample", num_groups=2, decay=1.0)
+    ctrl = GradientControl(
+        [prob.theta], coefficient="per_sample", num_groups=2, decay=1.0, shrinkage=0.0
+    )
     losses, controls, a, bb = prob.batch(9, groups)
     ctrl.backward(losses, controls, groups)
     beta = ctrl.coefficients()[0]  # [2, D]
@@ -343,9 +351,15 @@ def test_nonfinite_per_sample_masked(generator):
     assert not bool(d["finite"]) and _state_equal(before, ctrl.state_dict())
 
 
-def test_raise_on_nonfinite(generator):
+@pytest.mark.parametrize("kw", [{"nonfinite": "raise"}, {"raise_on_nonfinite": True}])
+def test_raise_on_nonfinite(generator, kw):
     prob = Linear(generator)
-    ctrl = GradientControl([prob.theta], raise_on_nonfinite=True)
+    if "raise_on_nonfinite" in kw:  # the deprecated spelling of nonfinite="raise"
+        with pytest.warns(DeprecationWarning, match="nonfinite='raise'"):
+            ctrl = GradientControl([prob.theta], **kw)
+    else:
+        ctrl = GradientControl([prob.theta], **kw)
+    assert ctrl.config.nonfinite == "raise" and ctrl.config.raise_on_nonfinite
     ctrl.backward(*prob.batch(5)[:2])
     before, grad = ctrl.state_dict(), prob.theta.grad.clone()
     losses, controls, _, _ = prob.batch(5)
@@ -593,7 +607,10 @@ def test_auto_group_backward_falls_back_for_jvp_controls(generator):
 
 def test_auto_group_backward_keeps_batched_when_it_works(generator):
     net = mlp()
-    x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+    x, z = (
+        torch.randn(6, 3, generator=generator, dtype=F64),
+        torch.randn(6, 3, generator=generator, dtype=F64),
+    )
     ctrl = GradientControl(net.parameters(), coefficient=0.3, num_groups=2)
     ctrl.backward(*mlp_batch(net, x, z), torch.arange(6) % 2)
     assert ctrl._batched_choice["controls"] is True
@@ -657,7 +674,10 @@ def test_tensor_pooling_matches_pooled_ratio(generator):
     net = mlp()
     ctrl = GradientControl(net.parameters(), granularity="tensor", warmup_steps=1, num_groups=2)
     for _ in range(4):
-        x, z = torch.randn(6, 3, generator=generator, dtype=F64), torch.randn(6, 3, dtype=F64)
+        x, z = (
+            torch.randn(6, 3, generator=generator, dtype=F64),
+            torch.randn(6, 3, generator=generator, dtype=F64),
+        )
         ctrl.backward(*mlp_batch(net, x, z), torch.arange(6) % 2)
     shapes = [p.shape for p in net.parameters()]
 

@@ -12,6 +12,7 @@ gradient of ``mean(ℓ - β c)`` (Jeha et al. 2024, Thm. 3.3/3.4). See ``docs/gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ def _resolve_layout(
         return CoefficientLayout(
             granularity if granularity is not None else "element",
             num_groups if num_groups is not None else 1,
-            shrinkage if shrinkage is not None else 0.0,
+            shrinkage,  # None: the layout's default (100 for per-element β with groups > 1)
         )
     if not isinstance(layout, CoefficientLayout):
         raise VarRedError(
@@ -107,14 +108,15 @@ class GradientControl:
             per-sample sufficient statistics (per_sample) are summed before any statistic is
             updated, so all ranks hold the same state and apply the same β.
         warmup_steps: β = 0 until this many finite updates were folded in (default 10 for
-            running/fixed, 1 for per_sample).
+            running, 1 for per_sample; a fixed β applies from the first step and ignores it).
         per_sample_fit: ``"running"`` (β from earlier batches; default) or ``"crossfit"``
             (``folds`` folds of this batch by sample index, each using β from the other folds).
         folds: number of cross-fitting folds (``per_sample_fit="crossfit"`` only).
-        nonfinite: on a step with NaN/Inf in losses, controls or gradients the statistics are
-            left untouched; ``"propagate"`` writes the (non-finite) gradient so that AMP
-            GradScaler-style checks skip the step, ``"zero"`` writes zeros.
-        raise_on_nonfinite: raise :class:`VarRedError` instead (one host sync per step).
+        nonfinite: the policy for a step with NaN/Inf in losses, controls or gradients (the
+            statistics are always left untouched): ``"propagate"`` writes the (non-finite)
+            gradient so that AMP GradScaler-style checks skip the step, ``"zero"`` writes
+            zeros, ``"raise"`` raises :class:`VarRedError` (one host sync per step).
+        raise_on_nonfinite: deprecated; ``True`` means ``nonfinite="raise"``.
         validate: check that ``groups`` lies in ``[0, num_groups)`` (one host sync per step).
         group_backward: how the ``G`` group (or ``B`` per-sample) backward passes of the
             controls run: ``"batched"`` (one ``is_grads_batched`` pass), ``"loop"`` (one pass
@@ -127,7 +129,8 @@ class GradientControl:
             (``weight`` ≈ steps seen, or samples in per-sample mode), so β starts near the
             per-tensor value and becomes per-element as statistics accumulate. 0 (default):
             plain per-element ratios. For many groups (σ bins) × P entries fitted from a
-            few steps (benchmarks/coefficient_granularity.py).
+            few steps (benchmarks/coefficient_granularity.py). Default (``None``): 100 for
+            per-element β with ``num_groups > 1``, else 0 (see :class:`CoefficientLayout`).
 
     Raises:
         VarRedError: invalid options or ``params``.
@@ -160,13 +163,20 @@ class GradientControl:
         group_backward: str = "auto",
         shrinkage: float | None = None,
     ) -> None:
+        if raise_on_nonfinite:
+            warnings.warn(
+                "raise_on_nonfinite=True is deprecated; use nonfinite='raise'",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            nonfinite = "raise"
         if warmup_steps is None:
             warmup_steps = 1 if coefficient == "per_sample" else 10
         self.layout = _resolve_layout(layout, granularity, num_groups, shrinkage)
         lay = self.layout
         self.config = GradientControlConfig(
             lay.granularity, coefficient, decay, lay.num_groups, warmup_steps, per_sample_fit,
-            folds, nonfinite, raise_on_nonfinite, validate, group_backward, lay.shrinkage,
+            folds, nonfinite, nonfinite == "raise", validate, group_backward, lay.shrinkage,
         )  # fmt: skip
         if isinstance(process_group, str) and process_group != "default":
             raise VarRedError(
@@ -354,7 +364,7 @@ class GradientControl:
 
         Raises:
             VarRedError: bad shapes/dtypes/groups, losses independent of ``params``, or
-                non-finite values with ``raise_on_nonfinite=True``.
+                non-finite values with ``nonfinite="raise"``.
         """
         self._scale = None if scaler is None else self._scale_of(scaler)
         groups = self.layout.index(groups)
@@ -377,7 +387,7 @@ class GradientControl:
             ctl = g_l - (self._expand(beta) * g_c).sum(0)  # [P] controlled gradient
             if not self._per_sample:  # NaN/Inf in g_ℓ or any g_c reaches ctl (0·Inf = NaN)
                 finite = finite & all_finite(ctl)
-            if self.config.raise_on_nonfinite and not bool(finite):
+            if self.config.nonfinite == "raise" and not bool(finite):
                 raise VarRedError(
                     "losses/controls: expected finite losses, controls and gradients, got "
                     f"NaN/Inf (losses {shape_str(losses)}, controls {shape_str(controls)})"

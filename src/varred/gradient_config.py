@@ -12,7 +12,10 @@ import torch
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.moments import check_decay
 
-__all__ = ["GradientControlConfig", "check_params"]
+__all__ = ["NONFINITE_POLICIES", "GradientControlConfig", "check_params"]
+
+#: what a step with NaN/Inf writes: the gradient as is, zeros, or an error.
+NONFINITE_POLICIES = ("propagate", "zero", "raise")
 
 Tensor = torch.Tensor
 
@@ -58,8 +61,13 @@ class GradientControlConfig:
             raise VarRedError(
                 f"per_sample_fit: expected 'running' or 'crossfit', got {self.per_sample_fit!r}"
             )
-        if self.nonfinite not in ("propagate", "zero"):
-            raise VarRedError(f"nonfinite: expected 'propagate' or 'zero', got {self.nonfinite!r}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise VarRedError(
+                f"nonfinite: expected 'propagate', 'zero' or 'raise', got {self.nonfinite!r}"
+            )
+        if self.raise_on_nonfinite and self.nonfinite != "raise":  # the deprecated spelling
+            object.__setattr__(self, "nonfinite", "raise")
+        object.__setattr__(self, "raise_on_nonfinite", self.nonfinite == "raise")
         if self.group_backward not in ("auto", "batched", "loop"):
             raise VarRedError(
                 f"group_backward: expected 'auto', 'batched' or 'loop', got {self.group_backward!r}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,14 @@ def _laplacian_combos(d: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(combos, dtype=torch.long), torch.tensor(mult, dtype=torch.float64)
 
 
+def _count(n: int) -> str:
+    """A row count for a message: exact up to 10¹², then ``≈ 1.2e+374``-style."""
+    if n < 10**12:
+        return str(n)
+    digits = len(str(n))
+    return f"≈ {int(str(n)[:2]) / 10:.1f}e+{digits - 1:d}"
+
+
 def laplacian_rows(d: int, max_m: int) -> int:
     """Rows of :func:`iterated_laplacian` for ``m = 1..max_m``: ``Σ_m C(d + m − 1, m)``."""
     return sum(math.comb(d + m - 1, m) for m in range(1, max_m + 1))
@@ -145,7 +154,7 @@ class TaylorCV:
     r"""Order-k Taylor control variate of ``f`` under ``x = μ + L ε``, ``ε ~ N(0, I_d)``.
 
     ``cv(ε) = T^k f̃(ε) − E[T^k f̃]`` with ``f̃(ε) = f(μ + L ε)``; ``E[cv] = 0`` exactly
-    (``expectation="exact"``) or in expectation over independent probes
+    (``mean_method="exact"``) or in expectation over independent probes
     (``"probe"``: per sample ``i`` the even orders' mean is replaced by
     ``mean_p Σ_{even j≥2} D^j f̃(0)[ε'^j_{ip}] / j!``, unbiased and independent of
     ``ε_i``). Jeha, Grathwohl, Andersen, Ek & Frellsen (2024).
@@ -155,7 +164,9 @@ class TaylorCV:
         order: ``k ≥ 0``.
         mean: ``μ`` ``[d]`` (zero when ``None``).
         scale_tril: ``L`` ``[d, d]``, covariance ``L Lᵀ`` (identity when ``None``).
-        expectation: ``"exact"`` (Isserlis means, small d) or ``"probe"`` (any d).
+        mean_method: how the control's mean is computed: ``"exact"`` (Isserlis means, small d)
+            or ``"probe"`` (any d). (Named ``expectation`` before; that keyword still works,
+            with a ``DeprecationWarning``: it clashed with the method :meth:`expectation`.)
         num_probes: probes per sample ``P ≥ 1`` for ``"probe"``.
         probe_distribution: ``"gaussian"`` or ``"rademacher"`` (only for ``order ≤ 3``).
         exact_method: ``"auto"`` (cheapest), ``"cubature"`` or ``"laplacian"``.
@@ -175,19 +186,29 @@ class TaylorCV:
         *,
         mean: torch.Tensor | None = None,
         scale_tril: torch.Tensor | None = None,
-        expectation: str = "exact",
+        mean_method: str = "exact",
         num_probes: int = 1,
         probe_distribution: str = "gaussian",
         exact_method: str = "auto",
         max_evaluations: int = 50_000,
         chunk_size: int | None = 4096,
+        expectation: str | None = None,
     ) -> None:
+        if expectation is not None:  # the old name, clashing with the method expectation()
+            warnings.warn(
+                "TaylorCV(expectation=...) is deprecated; use mean_method=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            mean_method = expectation
+        arg = "expectation" if expectation is not None else "mean_method"
+        expectation = mean_method
         if not callable(f):
             raise VarRedError(f"f: expected a callable [n, d] -> [n, ...], got {type(f).__name__}")
         self.f = f
         self.order = check_order(order)
         for name, value, allowed in (
-            ("expectation", expectation, EXPECTATIONS),
+            (arg, expectation, EXPECTATIONS),
             ("probe_distribution", probe_distribution, PROBES),
             ("exact_method", exact_method, EXACT_METHODS),
         ):
@@ -200,7 +221,7 @@ class TaylorCV:
                 f"probe_distribution: 'rademacher' probes are biased for the order-4 mean "
                 f"(E z⁴ = 1, not 3); expected order ≤ 3 or 'gaussian', got order={self.order}"
             )
-        self.expectation_kind = expectation
+        self.mean_method = expectation
         self.num_probes = int(num_probes)
         self.probe_distribution = probe_distribution
         self.exact_method = exact_method
@@ -310,6 +331,11 @@ class TaylorCV:
         return self.f(x0 + v) - sum_scaled(self._terms(x0, v, self.order), start=0)
 
     # ------------------------------------------------------------------ means
+    @property
+    def expectation_kind(self) -> str:
+        """Deprecated alias of :attr:`mean_method`."""
+        return self.mean_method
+
     def exact_route(self, d: int) -> str:
         """The exact route ``"cubature"`` or ``"laplacian"`` used in dimension ``d``.
 
@@ -325,9 +351,10 @@ class TaylorCV:
             allowed = [r for r in allowed if r == self.exact_method]
         if not allowed:
             raise VarRedError(
-                f"expectation: the exact mean for d={d}, order={self.order} needs "
-                f"{rows} rows, more than max_evaluations={self.max_evaluations} "
-                f"(exact_method={self.exact_method!r}); use expectation='probe' (unbiased, any d)"
+                f"mean_method: the exact mean for d={d}, order={self.order} needs "
+                f"{', '.join(f'{r} {_count(n)}' for r, n in rows.items())} rows, more than "
+                f"max_evaluations={self.max_evaluations} "
+                f"(exact_method={self.exact_method!r}); use mean_method='probe' (unbiased, any d)"
             )
         return min(allowed, key=lambda r: cost[r])
 
@@ -411,7 +438,7 @@ class TaylorCV:
             return check_finite("probe_noise", probe_noise).to(eps)
         if generator is None:
             raise VarRedError(
-                "generator: expectation='probe' needs independent probes; expected a "
+                "generator: mean_method='probe' needs independent probes; expected a "
                 "torch.Generator or probe_noise [num_probes, n, d], got neither"
             )
         if self.probe_distribution == "gaussian":
@@ -434,13 +461,13 @@ class TaylorCV:
 
         Args:
             eps: standard-normal samples ``[n, d]``.
-            generator: draws the probes (``expectation="probe"``, ``order ≥ 2``).
+            generator: draws the probes (``mean_method="probe"``, ``order ≥ 2``).
             probe_noise: explicit probes ``[num_probes, n, d]`` instead of ``generator``.
         """
         x0, v = self._prepare(eps)
         n, d = eps.shape
         k = self.order
-        if self.expectation_kind == "probe" and k >= 2:
+        if self.mean_method == "probe" and k >= 2:
             probes = self._probes(eps, generator, probe_noise)  # [P, n, d]
             pv = self._directions(probes).reshape(-1, d)  # [P, n, d] -> [P*n, d]
             x_all = torch.cat([x0, x0[:1].expand(pv.shape[0], d)])  # [(1+P)n, d]
@@ -453,7 +480,7 @@ class TaylorCV:
             return torch.zeros((n, *y0.shape[1:]), dtype=y0.dtype, device=y0.device)
         terms = self._terms(x0, v, k)
         out = sum_scaled(terms, start=1)
-        even = self._even_mean(d, eps) if self.expectation_kind == "exact" else None
+        even = self._even_mean(d, eps) if self.mean_method == "exact" else None
         return out if even is None else out - even
 
 
