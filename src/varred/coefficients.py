@@ -20,10 +20,11 @@ import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.moments import Moments, batch_moments, check_decay, merge
+from varred.vocabulary import BetaLayout, canonical
 
 __all__ = ["OptimalCoefficient", "RunningMoments"]
 
-_KINDS = ("scalar", "diagonal", "full")
+_KINDS = (BetaLayout.SCALAR, BetaLayout.ELEMENT, BetaLayout.FULL)  # "diagonal" = "element"
 _FITS = ("crossfit", "batch", "running")
 _STAT_DTYPE = torch.float64
 _VAR_RTOL = 1e-10  # Var(c) <= _VAR_RTOL * E[c^2] counts as a constant control
@@ -91,10 +92,11 @@ def _solve(cov: torch.Tensor, cf: torch.Tensor, m2: torch.Tensor, ridge: float) 
 
 def _beta_from_moments(s: Moments, kind: str, ridge: float) -> torch.Tensor:
     """β ``[P, m]`` (broadcast for ``scalar``) from centred moments."""
+    kind = canonical("kind", kind, _KINDS)
     mc = s.mean["c"]  # [P, m]
     cov, cf = s.cov["cov_cc"], s.cov["cov_cf"]  # [P, m, m], [P, m]
     m2 = torch.diagonal(cov, dim1=-2, dim2=-1) + mc * mc  # [P, m] raw second moments
-    if kind == "diagonal":
+    if kind == "element":
         var = torch.diagonal(cov, dim1=-2, dim2=-1)
         ok = (var > _VAR_RTOL * m2) & (var > 0)
         return torch.where(ok, cf / torch.where(ok, var, torch.ones_like(var)), 0.0)
@@ -107,7 +109,7 @@ def _beta_from_moments(s: Moments, kind: str, ridge: float) -> torch.Tensor:
 
 def _public_beta(beta: torch.Tensor, kind: str, out: torch.Size, stacked: bool) -> torch.Tensor:
     """``[P, m]`` -> ``[*out(, m)]`` (``[(m)]`` for ``scalar``)."""
-    if kind == "scalar":
+    if canonical("kind", kind, _KINDS) == "scalar":
         b = beta[0] if beta.shape[0] > 0 else beta.new_zeros(beta.shape[-1])
         return b if stacked else b.reshape(())
     b = beta.reshape(*out, beta.shape[-1])
@@ -225,9 +227,8 @@ class RunningMoments:
             )
 
 
-def _check_kind(kind: object) -> None:
-    if kind not in _KINDS:
-        raise VarRedError(f"kind: expected one of {_KINDS}, got {kind!r}")
+def _check_kind(kind: object) -> str:
+    return canonical("kind", kind, _KINDS)
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,9 @@ class OptimalCoefficient:
     r"""How to fit β for :math:`y_i = f_i - \beta^\top c_i` (Glasserman 2004, §4.1).
 
     Args:
-        kind: ``"scalar"`` (one β per control pooled over outputs: ``[]`` / ``[m]``),
-            ``"diagonal"`` (per output and control, univariate: ``[*out]`` / ``[*out, m]``)
+        kind: a :class:`varred.vocabulary.BetaLayout`: ``"scalar"`` (one β per control pooled
+            over outputs: ``[]`` / ``[m]``), ``"element"`` or its alias ``"diagonal"`` (per
+            output and control, univariate: ``[*out]`` / ``[*out, m]``)
             or ``"full"`` (per output, joint regression on the m controls).
         fit: ``"crossfit"`` (K folds; fold k uses β fitted on the other folds, so the
             controlled mean is unbiased), ``"batch"`` (plug-in β on the same samples;

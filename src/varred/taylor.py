@@ -19,12 +19,13 @@ from torch.func import jvp
 
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
 from varred.gaussian import cubature_size, gauss_hermite_cubature
+from varred.vocabulary import MeanMethod, ProbeDistribution
 
 __all__ = ["TaylorCV", "iterated_laplacian", "taylor_terms"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
-EXPECTATIONS = ("exact", "probe")
-PROBES = ("gaussian", "rademacher")
+EXPECTATIONS = (MeanMethod.EXACT.value, MeanMethod.PROBE.value)
+PROBES = tuple(p.value for p in ProbeDistribution)
 EXACT_METHODS = ("auto", "cubature", "laplacian")
 
 

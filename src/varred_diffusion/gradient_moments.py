@@ -17,6 +17,7 @@ from torch import nn
 from varred.errors import VarRedError
 from varred.flat_grad import flat_grad, flat_grad_rows, is_vmap_unsupported
 from varred.moments import Moments, batch_moments, covariance, empty_moments, merge
+from varred.vocabulary import BetaLayout, canonical
 
 __all__ = [
     "COEFFICIENT_KINDS",
@@ -28,7 +29,8 @@ __all__ = [
     "weighted_gradients",
 ]
 
-COEFFICIENT_KINDS = ("unit", "scalar", "element", "bin")
+COEFFICIENT_KINDS = ("unit", "scalar", "element", "bin")  # "bin" = BetaLayout.FULL over bins
+_LAYOUTS = (BetaLayout.UNIT, BetaLayout.SCALAR, BetaLayout.ELEMENT, BetaLayout.FULL)
 Tensor = torch.Tensor
 ValueFn = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor, Tensor], Tensor]
 
@@ -172,7 +174,13 @@ def fit_coefficients(
     cov_tot = cgh.sum(0)  # Cov(g, Σ_b h_b): [P]
     var_tot = chh.sum((0, 1))  # Var(Σ_b h_b): [P]
     out: dict[str, Tensor] = {}
-    for kind in kinds:
+    for name in kinds:
+        try:  # "full" is the shared name of "bin" (varred.vocabulary.BetaLayout)
+            kind = canonical("kinds", name, _LAYOUTS)
+        except VarRedError:
+            raise VarRedError(
+                f"kinds: expected entries of {COEFFICIENT_KINDS}, got {name!r}"
+            ) from None
         if kind == "unit":
             beta = torch.ones(nb, p, dtype=torch.float64, device=cgh.device)
         elif kind == "scalar":
@@ -184,7 +192,7 @@ def fit_coefficients(
                 var_tot > 0, cov_tot / var_tot.clamp_min(1e-300), torch.zeros_like(var_tot)
             )
             beta = b.expand(nb, p).clone()
-        elif kind == "bin":
+        elif kind == "full":
             a = chh.permute(2, 0, 1)  # [P, nb, nb]
             diag = torch.diagonal(a, dim1=1, dim2=2)
             scale = diag.sum(-1, keepdim=True).clamp_min(1e-300)
@@ -192,9 +200,7 @@ def fit_coefficients(
             a = a + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge * scale))
             beta = torch.linalg.solve(a, cgh.T.unsqueeze(-1)).squeeze(-1).T  # [nb, P]
             beta = torch.where(empty.T, torch.zeros_like(beta), beta)
-        else:
-            raise VarRedError(f"kinds: expected entries of {COEFFICIENT_KINDS}, got {kind!r}")
-        out[kind] = beta
+        out[name] = beta
     return out
 
 
