@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import einops
 import torch
 
 from varred.moments import all_finite, safe_div
@@ -115,8 +116,8 @@ def per_sample_fit(
     idx = (rank % k) * ng + groups  # [B], fold-major cell index; folds alternate within groups
     oh = torch.nn.functional.one_hot(idx, k * ng).T.to(dtype)  # [L, B]
 
-    def gsum(x: Tensor) -> Tensor:  # [L, P] -> [G, P], sums over folds
-        return x.view(k, ng, -1).sum(0)
+    def gsum(x: Tensor) -> Tensor:  # [L, P] -> [G, P], sums over folds (L = K·G fold-major)
+        return einops.reduce(x, "(k g) p -> g p", "sum", k=k)
 
     def m2(s2: Tensor, s1x: Tensor, s1y: Tensor, cnt: Tensor) -> Tensor:
         return s2 - safe_div(s1x * s1y, cnt[:, None])
@@ -143,7 +144,8 @@ def per_sample_fit(
         n_o = (n_g[None] - n.view(k, ng)).reshape(-1)  # [L]
 
         def other(x: Tensor) -> Tensor:  # [L, P] -> [L, P], sums over the other folds
-            return (gsum(x)[None] - x.view(k, ng, -1)).reshape(x.shape)
+            per_fold = einops.rearrange(x, "(k g) p -> k g p", k=k)
+            return einops.rearrange(gsum(x)[None] - per_fold, "k g p -> (k g) p")
 
         cl = m2(other(s2cl), other(s1c), other(s1l), n_o)
         cc = m2(other(s2cc), other(s1c), other(s1c), n_o)
