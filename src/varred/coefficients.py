@@ -31,7 +31,7 @@ _VAR_RTOL = 1e-10  # Var(c) <= _VAR_RTOL * E[c^2] counts as a constant control
 _PINV_RTOL = 1e-10  # singular values below this (relative, correlation scale) are dropped
 
 
-def _flatten(
+def flatten_controls(
     f_values: torch.Tensor, controls: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size, bool]:
     """Validate and flatten: ``[n, *out], [n, *out(, m)] -> [n, P], [n, P, m]`` (views)."""
@@ -116,7 +116,7 @@ def _public_beta(beta: torch.Tensor, kind: str, out: torch.Size, stacked: bool) 
     return b if stacked else b.squeeze(-1)
 
 
-def _apply(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def apply_coefficient(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``y = f - Σ_j β_j c_j``: ``[n, P], [n, P, m], [(n,) P, m] -> [n, P]`` (β detached)."""
     dtype = torch.promote_types(f2.dtype, torch.float32)
     b = beta.detach().to(device=f2.device, dtype=dtype)
@@ -166,7 +166,7 @@ class RunningMoments:
         Raises:
             VarRedError: on bad shapes or a layout that changed since the first call.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         with torch.no_grad():
             s = _moments(f2, c3)
             if self._moments is None:
@@ -292,7 +292,7 @@ class OptimalCoefficient:
         Returns:
             ``[*out(, m)]``, or ``[(m)]`` for ``kind="scalar"``.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         _check_n(f2.shape[0], 2, "to fit beta")
         with torch.no_grad():
             f2 = f2.detach().to(_STAT_DTYPE)
@@ -318,7 +318,7 @@ class OptimalCoefficient:
         Raises:
             VarRedError: bad shapes/dtypes, ``n < 2`` (crossfit/batch) or ``folds > n``.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         n = f2.shape[0]
         if self.fit == "running":
             assert self._moments is not None
@@ -327,7 +327,7 @@ class OptimalCoefficient:
                     b = _beta_from_moments(self._moments._moments, self.kind, self.ridge)
                 else:
                     b = torch.zeros(c3.shape[1:], dtype=_STAT_DTYPE, device=f2.device)
-            y = _apply(f2, c3, b)
+            y = apply_coefficient(f2, c3, b)
             self._moments.update(
                 f_values, controls
             )  # after β is taken: the batch never sees itself
@@ -339,7 +339,7 @@ class OptimalCoefficient:
             if self.fit == "batch":
                 b = _beta_from_moments(_moments(fs, c3), self.kind, self.ridge)
         if self.fit == "batch":
-            y = _apply(f2, c3, b)
+            y = apply_coefficient(f2, c3, b)
             return y.reshape(f_values.shape), _public_beta(b, self.kind, out, stacked)
         with torch.no_grad():
             if self.folds > n:
@@ -354,7 +354,7 @@ class OptimalCoefficient:
             ]
             b_all = _beta_from_moments(_merge_all(folds), self.kind, self.ridge)
         parts = [
-            _apply(f2[a:b_], c3[a:b_], beta)
+            apply_coefficient(f2[a:b_], c3[a:b_], beta)
             for (a, b_), beta in zip(itertools.pairwise(bounds), betas)
         ]
         y = torch.cat(parts, 0)  # K x [n_k, P] -> [n, P]
