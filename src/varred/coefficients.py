@@ -20,12 +20,12 @@ import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.moments import Moments, batch_moments, check_decay, merge
-from varred.vocabulary import BetaLayout, canonical
+from varred.vocabulary import BetaLayout, Fit, canonical
 
 __all__ = ["OptimalCoefficient", "RunningMoments"]
 
 _KINDS = (BetaLayout.SCALAR, BetaLayout.ELEMENT, BetaLayout.FULL)  # "diagonal" = "element"
-_FITS = ("crossfit", "batch", "running")
+_FITS = (Fit.CROSSFIT, Fit.BATCH, Fit.RUNNING)
 _STAT_DTYPE = torch.float64
 _VAR_RTOL = 1e-10  # Var(c) <= _VAR_RTOL * E[c^2] counts as a constant control
 _PINV_RTOL = 1e-10  # singular values below this (relative, correlation scale) are dropped
@@ -266,8 +266,7 @@ class OptimalCoefficient:
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
-        if self.fit not in _FITS:
-            raise VarRedError(f"fit: expected one of {_FITS}, got {self.fit!r}")
+        canonical("fit", self.fit, _FITS)
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise VarRedError(f"folds: expected an integer >= 2, got {self.folds!r}")
         r = self.ridge

@@ -11,6 +11,7 @@ import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
 from varred.moments import check_decay
+from varred.vocabulary import Fit, canonical
 
 __all__ = ["NONFINITE_POLICIES", "GradientControlConfig", "check_params"]
 
@@ -57,10 +58,7 @@ class GradientControlConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
                 raise VarRedError(f"{name}: expected an integer >= {low}, got {v!r}")
-        if self.per_sample_fit not in ("running", "crossfit"):
-            raise VarRedError(
-                f"per_sample_fit: expected 'running' or 'crossfit', got {self.per_sample_fit!r}"
-            )
+        canonical("per_sample_fit", self.per_sample_fit, (Fit.RUNNING, Fit.CROSSFIT))
         if self.nonfinite not in NONFINITE_POLICIES:
             raise VarRedError(
                 f"nonfinite: expected 'propagate', 'zero' or 'raise', got {self.nonfinite!r}"
