@@ -77,3 +77,23 @@ def test_layout_equals_keywords(generator):
         assert torch.equal(p1.grad, p2.grad)
     for u, v in zip(a.coefficients(), b.coefficients()):
         assert torch.equal(u, v)
+
+
+def test_one_beta_layout_vocabulary(generator):
+    """BetaLayout names work in OptimalCoefficient, CoefficientLayout and fit_coefficients."""
+    from varred.coefficients import OptimalCoefficient
+    from varred.vocabulary import BetaLayout
+    from varred_diffusion.gradient_moments import GradientMoments, fit_coefficients
+
+    f = torch.randn(30, 2, generator=generator, dtype=F64)
+    c = f + torch.randn(30, 2, generator=generator, dtype=F64)
+    for old, new in (("diagonal", BetaLayout.ELEMENT), ("full", "full"), ("scalar", "scalar")):
+        a = OptimalCoefficient(kind=old, fit="batch").beta(f, c)
+        assert torch.equal(a, OptimalCoefficient(kind=new, fit="batch").beta(f, c))
+    assert CoefficientLayout(BetaLayout.TENSOR).granularity == "tensor"
+    mom = GradientMoments(2, 2)
+    mom.update(f, torch.stack([c, -c], 1))
+    betas = fit_coefficients(mom, ("bin", "full", BetaLayout.ELEMENT))
+    assert torch.equal(betas["bin"], betas["full"]) and set(betas) == {"bin", "full", "element"}
+    with pytest.raises(VarRedError, match="granularity: expected one of 'element', 'tensor'"):
+        CoefficientLayout("full")

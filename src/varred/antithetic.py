@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from varred.errors import VarRedError, check_finite, check_floating, shape_str
-from varred.estimate import Estimate, _moments, _ratio, _stderr
+from varred.estimate import Estimate, ratio_or_inf, sample_moments, standard_error
 
 __all__ = ["antithetic_estimate"]
 
@@ -79,14 +79,14 @@ def antithetic_estimate(
     n = plus.shape[0]
     with torch.no_grad():
         pairs = 0.5 * (plus.detach() + minus.detach())  # [n, *out]
-        mean, var = _moments(pairs)
-        plain_var = 0.5 * (_moments(plus.detach())[1] + _moments(minus.detach())[1])
+        mean, var = sample_moments(pairs)
+        plain_var = 0.5 * (sample_moments(plus.detach())[1] + sample_moments(minus.detach())[1])
         return Estimate(
             mean=mean,
-            stderr=_stderr(pairs),
+            stderr=standard_error(pairs),
             variance=var,
             plain_variance=0.5 * plain_var,
-            variance_ratio=_ratio(var, 0.5 * plain_var),
+            variance_ratio=ratio_or_inf(var, 0.5 * plain_var),
             coefficient=torch.zeros_like(mean),
             n=n,
         )

@@ -4,8 +4,8 @@ Shapes used throughout: ``f_values [n, *out]``; ``controls [n, *out]`` (one cont
 per output) or ``[n, *out, m]`` (``m`` stacked controls). Internally both are
 flattened to ``f [n, P]`` and ``c [n, P, m]`` with ``P = prod(out)``.
 
-Statistics are sufficient sums ``(w, Σc, Σf, Σccᵀ, Σcf, Σf²)`` in float64, computed
-from detached values, so β is never differentiated through. A control with zero
+Statistics are centred weighted moments (:mod:`varred.moments`: weight, means of c and f,
+``Cov(c)``, ``Cov(c, f)``, ``Var f``) in float64, computed from detached values, so β is never differentiated through. A control with zero
 sample variance (relative to its second moment) gets β = 0, never NaN.
 References: Owen (2013) §8.9; Glasserman (2004) §4.1.
 """
@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.moments import Moments, batch_moments, check_decay, merge
+from varred.vocabulary import BetaLayout, Fit, canonical
 
 __all__ = ["OptimalCoefficient", "RunningMoments"]
 
-_KINDS = ("scalar", "diagonal", "full")
-_FITS = ("crossfit", "batch", "running")
+_KINDS = (BetaLayout.SCALAR, BetaLayout.ELEMENT, BetaLayout.FULL)  # "diagonal" = "element"
+_FITS = (Fit.CROSSFIT, Fit.BATCH, Fit.RUNNING)
 _STAT_DTYPE = torch.float64
 _VAR_RTOL = 1e-10  # Var(c) <= _VAR_RTOL * E[c^2] counts as a constant control
 _PINV_RTOL = 1e-10  # singular values below this (relative, correlation scale) are dropped
 
 
-def _flatten(
+def flatten_controls(
     f_values: torch.Tensor, controls: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Size, bool]:
     """Validate and flatten: ``[n, *out], [n, *out(, m)] -> [n, P], [n, P, m]`` (views)."""
@@ -54,18 +56,17 @@ def _flatten(
     return f_values.reshape(n, p), controls.reshape(n, p, m), out, stacked
 
 
-def _sums(f2: torch.Tensor, c3: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Sufficient sums of ``f [n, P]``, ``c [n, P, m]`` in float64 (detached)."""
+_PAIRS = {
+    "cov_cc": ("c", "c", "...i,...j->...ij"),  # [P, m, m]
+    "cov_cf": ("c", "f", "...i,...->...i"),  # [P, m]
+    "cov_ff": ("f", "f", "...,...->..."),  # [P]
+}
+
+
+def _moments(f2: torch.Tensor, c3: torch.Tensor) -> Moments:
+    """Centred moments of ``f [n, P]``, ``c [n, P, m]`` in float64 (detached, two-pass)."""
     f = f2.detach().to(_STAT_DTYPE)
-    c = c3.detach().to(_STAT_DTYPE)
-    return {
-        "w": torch.tensor(float(f.shape[0]), dtype=_STAT_DTYPE, device=f.device),
-        "sc": c.sum(0),  # [P, m]
-        "sf": f.sum(0),  # [P]
-        "scc": torch.einsum("npi,npj->pij", c, c),  # [P, m, m]
-        "scf": torch.einsum("npi,np->pi", c, f),  # [P, m]
-        "sff": (f * f).sum(0),  # [P]
-    }
+    return batch_moments({"c": c3.detach().to(_STAT_DTYPE), "f": f}, _PAIRS)
 
 
 def _solve(cov: torch.Tensor, cf: torch.Tensor, m2: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -89,15 +90,13 @@ def _solve(cov: torch.Tensor, cf: torch.Tensor, m2: torch.Tensor, ridge: float) 
     return torch.where(ok, x / d, torch.zeros_like(x))
 
 
-def _beta_from_sums(s: dict[str, torch.Tensor], kind: str, ridge: float) -> torch.Tensor:
-    """β ``[P, m]`` (broadcast for ``scalar``) from sufficient sums."""
-    w = s["w"].clamp_min(torch.finfo(_STAT_DTYPE).tiny)
-    mc = s["sc"] / w  # [P, m]
-    mf = s["sf"] / w  # [P]
-    cov = s["scc"] / w - mc.unsqueeze(-1) * mc.unsqueeze(-2)  # [P, m, m]
-    cf = s["scf"] / w - mc * mf.unsqueeze(-1)  # [P, m]
-    m2 = torch.diagonal(s["scc"], dim1=-2, dim2=-1) / w  # [P, m]
-    if kind == "diagonal":
+def _beta_from_moments(s: Moments, kind: str, ridge: float) -> torch.Tensor:
+    """β ``[P, m]`` (broadcast for ``scalar``) from centred moments."""
+    kind = canonical("kind", kind, _KINDS)
+    mc = s.mean["c"]  # [P, m]
+    cov, cf = s.cov["cov_cc"], s.cov["cov_cf"]  # [P, m, m], [P, m]
+    m2 = torch.diagonal(cov, dim1=-2, dim2=-1) + mc * mc  # [P, m] raw second moments
+    if kind == "element":
         var = torch.diagonal(cov, dim1=-2, dim2=-1)
         ok = (var > _VAR_RTOL * m2) & (var > 0)
         return torch.where(ok, cf / torch.where(ok, var, torch.ones_like(var)), 0.0)
@@ -110,14 +109,14 @@ def _beta_from_sums(s: dict[str, torch.Tensor], kind: str, ridge: float) -> torc
 
 def _public_beta(beta: torch.Tensor, kind: str, out: torch.Size, stacked: bool) -> torch.Tensor:
     """``[P, m]`` -> ``[*out(, m)]`` (``[(m)]`` for ``scalar``)."""
-    if kind == "scalar":
+    if canonical("kind", kind, _KINDS) == "scalar":
         b = beta[0] if beta.shape[0] > 0 else beta.new_zeros(beta.shape[-1])
         return b if stacked else b.reshape(())
     b = beta.reshape(*out, beta.shape[-1])
     return b if stacked else b.squeeze(-1)
 
 
-def _apply(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def apply_coefficient(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """``y = f - Σ_j β_j c_j``: ``[n, P], [n, P, m], [(n,) P, m] -> [n, P]`` (β detached)."""
     dtype = torch.promote_types(f2.dtype, torch.float32)
     b = beta.detach().to(device=f2.device, dtype=dtype)
@@ -125,13 +124,15 @@ def _apply(f2: torch.Tensor, c3: torch.Tensor, beta: torch.Tensor) -> torch.Tens
 
 
 class RunningMoments:
-    r"""Exponentially-weighted sufficient statistics for β across calls.
+    r"""Exponentially-weighted centred moments of ``(c, f)`` for β across calls.
 
-    After each :meth:`update` every sum ``S`` becomes ``decay·S + S_batch``
-    (``decay = 1`` keeps all history with equal weight).
+    After each :meth:`update` the running weight decays by ``decay`` and the batch is merged
+    in with weight ``n`` (Chan et al. 1979; :func:`varred.moments.merge`), so every statistic
+    is a weighted mean over batches with weights ``decay^age`` (``decay = 1``: all history
+    with equal weight).
 
     Args:
-        decay: forgetting factor in ``[0, 1]``.
+        decay: forgetting factor in ``(0, 1]``.
 
     Example:
         >>> rm = RunningMoments(decay=0.9)
@@ -141,21 +142,19 @@ class RunningMoments:
     """
 
     def __init__(self, decay: float = 0.99) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay <= 1:
-            raise VarRedError(f"decay: expected a float in [0, 1], got {decay!r}")
-        self.decay = float(decay)
+        self.decay = check_decay(decay)
         self.reset()
 
     def reset(self) -> None:
         """Forget all statistics."""
-        self._sums: dict[str, torch.Tensor] | None = None
+        self._moments: Moments | None = None
         self._out: torch.Size | None = None
         self._stacked: bool | None = None
 
     @property
     def weight(self) -> float:
         """Total (decayed) number of samples seen; 0 before the first update."""
-        return 0.0 if self._sums is None else float(self._sums["w"])
+        return 0.0 if self._moments is None else float(self._moments.weight)
 
     def update(self, f_values: torch.Tensor, controls: torch.Tensor) -> None:
         """Fold a batch in.
@@ -167,23 +166,23 @@ class RunningMoments:
         Raises:
             VarRedError: on bad shapes or a layout that changed since the first call.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         with torch.no_grad():
-            s = _sums(f2, c3)
-            if self._sums is None:
-                self._sums, self._out, self._stacked = s, out, stacked
+            s = _moments(f2, c3)
+            if self._moments is None:
+                self._moments, self._out, self._stacked = s, out, stacked
                 return
-            if (
-                out != self._out
-                or stacked != self._stacked
-                or c3.shape[-1] != self._sums["sc"].shape[-1]
-            ):
+            m = self._moments.mean["c"].shape[-1]
+            if out != self._out or stacked != self._stacked or c3.shape[-1] != m:
                 raise VarRedError(
                     f"controls: expected the layout of earlier calls (out {list(self._out or [])}, "
-                    f"m = {self._sums['sc'].shape[-1]}, stacked = {self._stacked}), got "
+                    f"m = {m}, stacked = {self._stacked}), got "
                     f"f_values {shape_str(f_values)} and controls {shape_str(controls)}"
                 )
-            self._sums = {k: self.decay * v + s[k].to(v.device) for k, v in self._sums.items()}
+            dev = self._moments.weight.device
+            s = Moments(s.weight.to(dev), {k: v.to(dev) for k, v in s.mean.items()},
+                        {k: v.to(dev) for k, v in s.cov.items()})  # fmt: skip
+            self._moments = merge(self._moments, s, _PAIRS, self.decay)
 
     def beta(self, kind: str = "diagonal", ridge: float = 0.0) -> torch.Tensor:
         """β from the statistics so far: ``[*out(, m)]`` (``[(m)]`` for ``scalar``).
@@ -193,36 +192,43 @@ class RunningMoments:
                 bad ``kind``.
         """
         _check_kind(kind)
-        if self._sums is None or self._out is None or self._stacked is None:
+        if self._moments is None or self._out is None or self._stacked is None:
             raise VarRedError("RunningMoments.beta: no statistics yet; call update() first")
         with torch.no_grad():
             return _public_beta(
-                _beta_from_sums(self._sums, kind, ridge), kind, self._out, self._stacked
+                _beta_from_moments(self._moments, kind, ridge), kind, self._out, self._stacked
             )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only: decay, layout and sums (empty sums before the first update)."""
-        dev = None if self._sums is None else self._sums["w"].device  # all on the sums' device
+        """Tensors only: decay, layout and moments (``weight``, ``mean_c``, ``mean_f``,
+        ``cov_cc``, ``cov_cf``, ``cov_ff``; none before the first update)."""
+        mom = self._moments
+        dev = None if mom is None else mom.weight.device  # all on the moments' device
         state = {"decay": torch.tensor(self.decay, dtype=_STAT_DTYPE, device=dev)}
-        if self._sums is not None and self._out is not None:
+        if mom is not None and self._out is not None:
             state["out_shape"] = torch.tensor(list(self._out), dtype=torch.long, device=dev)
             state["stacked"] = torch.tensor(bool(self._stacked), device=dev)
-            state.update({f"sum_{k}": v.clone() for k, v in self._sums.items()})
+            state["weight"] = mom.weight.clone()
+            state.update({f"mean_{k}": v.clone() for k, v in mom.mean.items()})
+            state.update({k: v.clone() for k, v in mom.cov.items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.decay = float(state["decay"])
+        self.decay = check_decay(float(state["decay"]))
         self.reset()
         if "out_shape" in state:
             self._out = torch.Size(int(s) for s in state["out_shape"].tolist())
             self._stacked = bool(state["stacked"])
-            self._sums = {k[4:]: v.clone() for k, v in state.items() if k.startswith("sum_")}
+            self._moments = Moments(
+                state["weight"].clone(),
+                {k: state[f"mean_{k}"].clone() for k in ("c", "f")},
+                {k: state[k].clone() for k in _PAIRS},
+            )
 
 
-def _check_kind(kind: object) -> None:
-    if kind not in _KINDS:
-        raise VarRedError(f"kind: expected one of {_KINDS}, got {kind!r}")
+def _check_kind(kind: object) -> str:
+    return canonical("kind", kind, _KINDS)
 
 
 @dataclass(frozen=True)
@@ -230,8 +236,9 @@ class OptimalCoefficient:
     r"""How to fit β for :math:`y_i = f_i - \beta^\top c_i` (Glasserman 2004, §4.1).
 
     Args:
-        kind: ``"scalar"`` (one β per control pooled over outputs: ``[]`` / ``[m]``),
-            ``"diagonal"`` (per output and control, univariate: ``[*out]`` / ``[*out, m]``)
+        kind: a :class:`varred.vocabulary.BetaLayout`: ``"scalar"`` (one β per control pooled
+            over outputs: ``[]`` / ``[m]``), ``"element"`` or its alias ``"diagonal"`` (per
+            output and control, univariate: ``[*out]`` / ``[*out, m]``)
             or ``"full"`` (per output, joint regression on the m controls).
         fit: ``"crossfit"`` (K folds; fold k uses β fitted on the other folds, so the
             controlled mean is unbiased), ``"batch"`` (plug-in β on the same samples;
@@ -259,8 +266,7 @@ class OptimalCoefficient:
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
-        if self.fit not in _FITS:
-            raise VarRedError(f"fit: expected one of {_FITS}, got {self.fit!r}")
+        canonical("fit", self.fit, _FITS)
         if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 2:
             raise VarRedError(f"folds: expected an integer >= 2, got {self.folds!r}")
         r = self.ridge
@@ -268,8 +274,8 @@ class OptimalCoefficient:
             raise VarRedError(f"ridge: expected a finite float >= 0, got {r!r}")
         if self.fit == "running":
             object.__setattr__(self, "_moments", RunningMoments(self.decay))
-        elif isinstance(self.decay, bool) or not 0 <= self.decay <= 1:
-            raise VarRedError(f"decay: expected a float in [0, 1], got {self.decay!r}")
+        else:
+            check_decay(self.decay)
 
     @property
     def moments(self) -> RunningMoments | None:
@@ -285,13 +291,13 @@ class OptimalCoefficient:
         Returns:
             ``[*out(, m)]``, or ``[(m)]`` for ``kind="scalar"``.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         _check_n(f2.shape[0], 2, "to fit beta")
         with torch.no_grad():
             f2 = f2.detach().to(_STAT_DTYPE)
             f2 = f2 - f2.mean(0)  # shift: β is invariant, sums better scaled
             return _public_beta(
-                _beta_from_sums(_sums(f2, c3), self.kind, self.ridge), self.kind, out, stacked
+                _beta_from_moments(_moments(f2, c3), self.kind, self.ridge), self.kind, out, stacked
             )
 
     def controlled(
@@ -311,16 +317,16 @@ class OptimalCoefficient:
         Raises:
             VarRedError: bad shapes/dtypes, ``n < 2`` (crossfit/batch) or ``folds > n``.
         """
-        f2, c3, out, stacked = _flatten(f_values, controls)
+        f2, c3, out, stacked = flatten_controls(f_values, controls)
         n = f2.shape[0]
         if self.fit == "running":
             assert self._moments is not None
             with torch.no_grad():
-                if self._moments.weight > 0:
-                    b = _beta_from_sums(self._moments._sums or {}, self.kind, self.ridge)
+                if self._moments._moments is not None:
+                    b = _beta_from_moments(self._moments._moments, self.kind, self.ridge)
                 else:
                     b = torch.zeros(c3.shape[1:], dtype=_STAT_DTYPE, device=f2.device)
-            y = _apply(f2, c3, b)
+            y = apply_coefficient(f2, c3, b)
             self._moments.update(
                 f_values, controls
             )  # after β is taken: the batch never sees itself
@@ -330,9 +336,9 @@ class OptimalCoefficient:
             fs = f2.detach().to(_STAT_DTYPE)
             fs = fs - fs.mean(0)  # [n, P]; β is shift-invariant in f
             if self.fit == "batch":
-                b = _beta_from_sums(_sums(fs, c3), self.kind, self.ridge)
+                b = _beta_from_moments(_moments(fs, c3), self.kind, self.ridge)
         if self.fit == "batch":
-            y = _apply(f2, c3, b)
+            y = apply_coefficient(f2, c3, b)
             return y.reshape(f_values.shape), _public_beta(b, self.kind, out, stacked)
         with torch.no_grad():
             if self.folds > n:
@@ -340,19 +346,26 @@ class OptimalCoefficient:
                     f"folds: expected at most n = {n} folds (one sample each at least), got {self.folds}"
                 )
             bounds = [(k * n) // self.folds for k in range(self.folds + 1)]
-            fold_sums = [_sums(fs[a:b_], c3[a:b_]) for a, b_ in itertools.pairwise(bounds)]
-            total = {k: torch.stack([s[k] for s in fold_sums]).sum(0) for k in fold_sums[0]}
+            folds = [_moments(fs[a:b_], c3[a:b_]) for a, b_ in itertools.pairwise(bounds)]
             betas = [
-                _beta_from_sums({k: total[k] - s[k] for k in total}, self.kind, self.ridge)
-                for s in fold_sums
+                _beta_from_moments(_merge_all(folds[:k] + folds[k + 1 :]), self.kind, self.ridge)
+                for k in range(len(folds))
             ]
-            b_all = _beta_from_sums(total, self.kind, self.ridge)
+            b_all = _beta_from_moments(_merge_all(folds), self.kind, self.ridge)
         parts = [
-            _apply(f2[a:b_], c3[a:b_], beta)
+            apply_coefficient(f2[a:b_], c3[a:b_], beta)
             for (a, b_), beta in zip(itertools.pairwise(bounds), betas)
         ]
         y = torch.cat(parts, 0)  # K x [n_k, P] -> [n, P]
         return y.reshape(f_values.shape), _public_beta(b_all, self.kind, out, stacked)
+
+
+def _merge_all(parts: list[Moments]) -> Moments:
+    """Pool the moments of disjoint sample sets (decay 1)."""
+    out = parts[0]
+    for m in parts[1:]:
+        out = merge(out, m, _PAIRS)
+    return out
 
 
 def _check_n(n: int, minimum: int, why: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from varred.coefficients import OptimalCoefficient, _apply, _flatten
+from varred.coefficients import OptimalCoefficient, apply_coefficient, flatten_controls
 from varred.errors import VarRedError, check_broadcastable, check_finite, check_floating, shape_str
 
 __all__ = ["Estimate", "estimate"]
@@ -46,7 +46,7 @@ class Estimate:
     correlation: torch.Tensor | None = None
 
 
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+def ratio_or_inf(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` with 0/0 = 1 and x/0 = inf."""
     safe = torch.where(den > 0, den, torch.ones_like(den))
     return torch.where(
@@ -65,13 +65,13 @@ def _correlation(f2: torch.Tensor, c3: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, cov / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
 
 
-def _moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance over dim 0, in at least float32."""
     y = y.to(torch.promote_types(y.dtype, torch.float32)).contiguous()
     return y.mean(0), y.var(0, correction=1)
 
 
-def _stderr(y: torch.Tensor) -> torch.Tensor:
+def standard_error(y: torch.Tensor) -> torch.Tensor:
     """``std(y) / sqrt(n)`` over dim 0 (the textbook formula, bit for bit)."""
     y = y.to(torch.promote_types(y.dtype, torch.float32)).contiguous()
     return y.std(0, correction=1) / math.sqrt(y.shape[0])
@@ -116,7 +116,7 @@ def estimate(
     out = f_values.shape[1:]
     with torch.no_grad():
         f = f_values.detach()
-        plain_mean, plain_var = _moments(f)
+        plain_mean, plain_var = sample_moments(f)
         if controls is None:
             if coefficient is not None and not isinstance(coefficient, OptimalCoefficient):
                 raise VarRedError(
@@ -124,15 +124,15 @@ def estimate(
                 )
             return Estimate(
                 mean=plain_mean,
-                stderr=_stderr(f),
+                stderr=standard_error(f),
                 variance=plain_var,
                 plain_variance=plain_var,
-                variance_ratio=_ratio(plain_var, plain_var),
+                variance_ratio=ratio_or_inf(plain_var, plain_var),
                 coefficient=torch.zeros(out, dtype=plain_mean.dtype, device=f.device),
                 n=n,
             )
         c = check_finite("controls", check_floating("controls", controls.detach()))
-        f2, c3, _, stacked = _flatten(f, c)
+        f2, c3, _, stacked = flatten_controls(f, c)
         if coefficient is None:
             coefficient = OptimalCoefficient()
         if isinstance(coefficient, OptimalCoefficient):
@@ -141,15 +141,15 @@ def estimate(
             beta = _fixed_beta(coefficient, c3.shape[-1], out, stacked, f.device)
             b = beta if stacked else beta.unsqueeze(-1)  # [*out, m]
             b = b.broadcast_to((*out, c3.shape[-1])).reshape(c3.shape[1:])  # -> [P, m]
-            y = _apply(f2, c3, b).reshape(f.shape)
-        mean, var = _moments(y)
+            y = apply_coefficient(f2, c3, b).reshape(f.shape)
+        mean, var = sample_moments(y)
         corr = _correlation(f2, c3).reshape(*out, c3.shape[-1])
         return Estimate(
             mean=mean,
-            stderr=_stderr(y),
+            stderr=standard_error(y),
             variance=var,
             plain_variance=plain_var,
-            variance_ratio=_ratio(var, plain_var),
+            variance_ratio=ratio_or_inf(var, plain_var),
             coefficient=beta,
             n=n,
             correlation=corr if stacked else corr.squeeze(-1),

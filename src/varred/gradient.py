@@ -12,57 +12,32 @@ gradient of ``mean(ℓ - β c)`` (Jeha et al. 2024, Thm. 3.3/3.4). See ``docs/gr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from varred.errors import VarRedError, check_floating, shape_str
+from varred.errors import VarRedError, shape_str
+from varred.flat_grad import flat_grad, flat_grad_rows
 from varred.gradient_config import GradientControlConfig, check_params
+from varred.gradient_fit import FlatPool, fixed_beta, per_sample_fit, running_beta
+from varred.gradient_inputs import (
+    allreduce,
+    check_inputs,
+    resolve_layout,
+    resolve_process_group,
+    scale_of,
+    split_controls,
+    write_grads,
+)
+from varred.gradient_state import ControlStatistics
 from varred.layout import CoefficientLayout
-from varred.moments import all_finite, merge_moments, moment_step, pooled_ratio, safe_div
+from varred.moments import all_finite, merge_moments
 
-__all__ = ["GradientControl", "GradientControlConfig", "merge_moments", "pooled_ratio"]
+__all__ = ["GradientControl", "GradientControlConfig", "merge_moments"]
 
 Tensor = torch.Tensor
-_STATS = ("mean_c", "mean_l", "cov_cc", "cov_cl", "cov_ll")
-# running/fixed modes: moments of the applied (controlled) and plain step gradients, see _track
-_TRACK = ("track_weight", "ctl_mean", "plain_mean", "ctl_var", "plain_var")
-
-
-def _resolve_layout(
-    layout: Any, granularity: str | None, num_groups: int | None, shrinkage: float | None
-) -> CoefficientLayout:
-    """``layout=`` or the separate ``granularity``/``num_groups``/``shrinkage`` keywords."""
-    given = {
-        k: v
-        for k, v in (
-            ("granularity", granularity),
-            ("num_groups", num_groups),
-            ("shrinkage", shrinkage),
-        )
-        if v is not None
-    }
-    if layout is None:
-        ng = num_groups
-        if ng is not None and (isinstance(ng, bool) or not isinstance(ng, int) or ng < 1):
-            raise VarRedError(f"num_groups: expected an integer >= 1, got {ng!r}")
-        return CoefficientLayout(
-            granularity if granularity is not None else "element",
-            num_groups if num_groups is not None else 1,
-            shrinkage if shrinkage is not None else 0.0,
-        )
-    if not isinstance(layout, CoefficientLayout):
-        raise VarRedError(
-            f"layout: expected a varred.layout.CoefficientLayout or None, got {type(layout).__name__}"
-        )
-    if given:
-        raise VarRedError(
-            f"layout: expected either layout= or the keywords {', '.join(sorted(given))} (they "
-            f"conflict; put them in the CoefficientLayout), got both"
-        )
-    return layout
 
 
 class GradientControl:
@@ -101,26 +76,29 @@ class GradientControl:
             per-sample sufficient statistics (per_sample) are summed before any statistic is
             updated, so all ranks hold the same state and apply the same β.
         warmup_steps: β = 0 until this many finite updates were folded in (default 10 for
-            running/fixed, 1 for per_sample).
+            running, 1 for per_sample; a fixed β applies from the first step and ignores it).
         per_sample_fit: ``"running"`` (β from earlier batches; default) or ``"crossfit"``
             (``folds`` folds of this batch by sample index, each using β from the other folds).
         folds: number of cross-fitting folds (``per_sample_fit="crossfit"`` only).
-        nonfinite: on a step with NaN/Inf in losses, controls or gradients the statistics are
-            left untouched; ``"propagate"`` writes the (non-finite) gradient so that AMP
-            GradScaler-style checks skip the step, ``"zero"`` writes zeros.
-        raise_on_nonfinite: raise :class:`VarRedError` instead (one host sync per step).
+        nonfinite: the policy for a step with NaN/Inf in losses, controls or gradients (the
+            statistics are always left untouched): ``"propagate"`` writes the (non-finite)
+            gradient so that AMP GradScaler-style checks skip the step, ``"zero"`` writes
+            zeros, ``"raise"`` raises :class:`VarRedError` (one host sync per step).
+        raise_on_nonfinite: deprecated; ``True`` means ``nonfinite="raise"``.
         validate: check that ``groups`` lies in ``[0, num_groups)`` (one host sync per step).
         group_backward: how the ``G`` group (or ``B`` per-sample) backward passes of the
             controls run: ``"batched"`` (one ``is_grads_batched`` pass), ``"loop"`` (one pass
             each; for graphs with ops that have no vmap batching rule, e.g. ``torch.func.jvp``)
-            or ``"auto"`` (default: try batched, fall back to the loop on ``RuntimeError`` and
-            remember the choice for later steps).
+            or ``"auto"`` (default: try batched, fall back to the loop when the graph has no
+            vmap batching rule, never on out-of-memory or device errors, and remember the
+            choice for later steps).
         shrinkage: per-element β only: κ ≥ 0 pseudo-observations of the per-tensor β,
             ``β_e = (Cov_e + a β_tensor) / (Var_e + a)`` with ``a = κ · mean Var / weight``
             (``weight`` ≈ steps seen, or samples in per-sample mode), so β starts near the
             per-tensor value and becomes per-element as statistics accumulate. 0 (default):
             plain per-element ratios. For many groups (σ bins) × P entries fitted from a
-            few steps (benchmarks/coefficient_granularity.py).
+            few steps (benchmarks/coefficient_granularity.py). Default (``None``): 100 for
+            per-element β with ``num_groups > 1``, else 0 (see :class:`CoefficientLayout`).
 
     Raises:
         VarRedError: invalid options or ``params``.
@@ -153,13 +131,19 @@ class GradientControl:
         group_backward: str = "auto",
         shrinkage: float | None = None,
     ) -> None:
+        if raise_on_nonfinite:
+            warnings.warn(
+                "raise_on_nonfinite=True is deprecated; use nonfinite='raise'",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            nonfinite = "raise"
         if warmup_steps is None:
             warmup_steps = 1 if coefficient == "per_sample" else 10
-        self.layout = _resolve_layout(layout, granularity, num_groups, shrinkage)
-        lay = self.layout
+        self.layout = lay = resolve_layout(layout, granularity, num_groups, shrinkage)
         self.config = GradientControlConfig(
             lay.granularity, coefficient, decay, lay.num_groups, warmup_steps, per_sample_fit,
-            folds, nonfinite, raise_on_nonfinite, validate, group_backward, lay.shrinkage,
+            folds, nonfinite, nonfinite == "raise", validate, group_backward, lay.shrinkage,
         )  # fmt: skip
         if isinstance(process_group, str) and process_group != "default":
             raise VarRedError(
@@ -173,11 +157,14 @@ class GradientControl:
         self._sizes = [p.numel() for p in self.params]
         self._numel = sum(self._sizes)
         # [npar] segment lengths of the flat buffer, for per-tensor pooling (segment_reduce)
-        self._lengths = torch.tensor(self._sizes, dtype=torch.long, device=self._device)
+        lengths = torch.tensor(self._sizes, dtype=torch.long, device=self._device)
+        self._pool = FlatPool(lengths, lay.granularity, lay.shrinkage)
         choice = {"auto": None, "batched": True, "loop": False}[group_backward]
         self._batched_choice = {"losses": choice, "controls": choice}  # per graph; auto: None
         self._scale: Tensor | None = None  # GradScaler scale during backward(scaler=...)
-        self.reset()
+        self.statistics = ControlStatistics(
+            lay.num_groups, self._numel, self._per_sample, float(decay), self._dtype, self._device
+        )
 
     # ---------------------------------------------------------------- state
     @property
@@ -187,26 +174,15 @@ class GradientControl:
     @property
     def num_updates(self) -> Tensor:
         """``[]`` int64: number of finite steps folded into the statistics."""
-        return self._num_updates
+        return self.statistics.num_updates
 
     def reset(self) -> None:
         """Forget all statistics (β returns to 0 until the warmup is over again)."""
-        g = self.config.num_groups
-        gl = g if self._per_sample else 1
-        kw: dict[str, Any] = {"dtype": self._dtype, "device": self._device}
-        p = self._numel
-        self._stats = {
-            k: torch.zeros(gl if k in ("mean_l", "cov_ll") else g, p, **kw) for k in _STATS
-        }
-        self._weight = torch.zeros(gl, **kw)
-        self._num_updates = torch.zeros((), dtype=torch.int64, device=self._device)
-        self._track = {} if self._per_sample else {
-            "track_weight": torch.zeros(1, **kw),
-            "ctl_mean": torch.zeros(p, **kw),
-            "plain_mean": torch.zeros(p, **kw),
-            "ctl_var": torch.zeros((), **kw),
-            "plain_var": torch.zeros((), **kw),
-        }  # fmt: skip
+        self.statistics.reset()
+
+    def _header(self) -> dict[str, Any]:
+        n = self.config.num_groups
+        return {"num_groups": n, "num_params": len(self.params), "num_elements": self._numel}
 
     def state_dict(self) -> dict[str, Any]:
         """Statistics as tensors and ints only (loadable with ``torch.load(weights_only=True)``).
@@ -217,101 +193,20 @@ class GradientControl:
         the applied gradient (``track_weight``, ``ctl_mean``, ``plain_mean`` ``[P]``,
         ``ctl_var``, ``plain_var`` ``[]``).
         """
-        sd: dict[str, Any] = {
-            "num_groups": self.config.num_groups,
-            "num_params": len(self.params),
-            "num_elements": self._numel,
-            "weight": self._weight.clone(),
-            "num_updates": self._num_updates.clone(),
-        }
-        sd.update({k: v.clone() for k, v in self._stats.items()})
-        sd.update({k: v.clone() for k, v in self._track.items()})
-        return sd
-
-    def _from_legacy(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Convert the per-parameter layout (``"cov_cl.0"``, …) of earlier versions to flat."""
-        npar = len(self.params)
-        if f"mean_c.{npar - 1}" not in state_dict or "mean_c" in state_dict:
-            return state_dict
-        out = {
-            k: v for k, v in state_dict.items() if not any(k.startswith(s + ".") for s in _STATS)
-        }
-        for k in _STATS:
-            parts = [state_dict.get(f"{k}.{i}") for i in range(npar)]
-            ts = [t for t in parts if isinstance(t, Tensor) and t.dim() > 0]
-            if len(ts) != npar:
-                return state_dict  # let the key check report it
-            out[k] = torch.cat([t.flatten(1) for t in ts], 1)  # [L, *p] -> [L, P]
-        out["num_elements"] = self._numel
-        out.update({k: v.clone() for k, v in self._track.items()})  # not in old checkpoints
-        return out
+        return self.statistics.state_dict(self._header())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore statistics saved by :meth:`state_dict` (shapes must match).
-
-        The per-parameter key layout of earlier versions (``"cov_cl.0"``, …) is accepted too.
-        """
-        state_dict = self._from_legacy(dict(state_dict))
-        mine = self.state_dict()
-        if set(state_dict) != set(mine):
-            raise VarRedError(f"state_dict: expected keys {sorted(mine)}, got {sorted(state_dict)}")
-        for key, ref in mine.items():
-            got = state_dict[key]
-            if isinstance(ref, Tensor):
-                if not isinstance(got, Tensor) or got.shape != ref.shape:
-                    raise VarRedError(
-                        f"state_dict[{key!r}]: expected a tensor of shape {shape_str(ref)}, "
-                        f"got {shape_str(got)}"
-                    )
-            elif got != ref:
-                raise VarRedError(f"state_dict[{key!r}]: expected {ref!r}, got {got!r}")
-        self._weight = state_dict["weight"].to(self._weight).clone()
-        self._num_updates = state_dict["num_updates"].to(self._num_updates).clone()
-        self._stats = {k: state_dict[k].to(v).clone() for k, v in self._stats.items()}
-        self._track = {k: state_dict[k].to(v).clone() for k, v in self._track.items()}
+        """Restore statistics saved by :meth:`state_dict` (shapes must match)."""
+        self.statistics.load_state_dict(dict(state_dict), self._header())
 
     # ---------------------------------------------------------------- coefficients
-    def _pool(self, num: Tensor, den: Tensor, weight: Tensor | None = None) -> Tensor:
-        """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``.
-
-        Per element with ``shrinkage`` κ > 0 and the statistics' ``weight`` ``[L]`` (or
-        ``[1]``): ``β_e = (num_e + a β_t) / (den_e + a)`` with ``a = κ · mean_t(den) / weight``,
-        i.e. κ pseudo-observations of the per-tensor β_t of e's tensor t, fading as
-        ``weight`` grows (a normal prior centred on β_t, scaled to the tensor's variance).
-        """
-        gran = self.config.granularity
-        kappa = float(self.config.shrinkage)
-        if gran == "element" and (kappa == 0.0 or weight is None):
-            return safe_div(num, den)
-        if gran == "scalar":
-            return safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
-        lengths = self._lengths.expand(num.shape[0], -1)  # deterministic segmented sums
-        sn = torch.segment_reduce(num, "sum", lengths=lengths, axis=1)  # [L, npar]
-        sd = torch.segment_reduce(den, "sum", lengths=lengths, axis=1)
-        beta_t = safe_div(sn, sd)
-        if gran == "tensor":
-            return beta_t
-        assert weight is not None
-        prior = kappa * (sd / self._lengths) / weight.clamp(min=1.0).reshape(-1, 1)  # [L, npar]
-        a, b = self._expand(prior), self._expand(beta_t)  # [L, P]
-        return safe_div(num + a * b, den + a)
-
-    def _expand(self, beta: Tensor) -> Tensor:
-        """Compact β ``[L, P | npar | 1]`` → broadcastable against ``[L, P]``."""
-        if beta.shape[1] == self._numel or beta.shape[1] == 1:
-            return beta
-        return beta.repeat_interleave(self._lengths, dim=1, output_size=self._numel)
-
     def _beta(self) -> Tensor:
-        """β the next step applies, compact (see :meth:`_pool`), detached, ``[G, ·]``."""
-        cfg = self.config
+        """β the next step applies, compact ``[G, P | npar | 1]``, detached (the fixed or the
+        running strategy; per-sample cross-fitting makes its own in the step)."""
+        cfg, st = self.config, self.statistics
         if not isinstance(cfg.coefficient, str):
-            return torch.full(
-                (cfg.num_groups, 1), float(cfg.coefficient), dtype=self._dtype, device=self._device
-            )
-        beta = self._pool(self._stats["cov_cl"], self._stats["cov_cc"], self._weight)
-        ready = self._num_updates >= cfg.warmup_steps
-        return torch.where(ready, beta, 0.0)
+            return fixed_beta(cfg.coefficient, cfg.num_groups, self._dtype, self._device)
+        return running_beta(self._pool, st.stats, st.weight, st.num_updates >= cfg.warmup_steps)
 
     def coefficients(self) -> list[Tensor]:
         """Current β per parameter (what the next step applies in running modes), detached.
@@ -369,16 +264,17 @@ class GradientControl:
 
         Raises:
             VarRedError: bad shapes/dtypes/groups, losses independent of ``params``, or
-                non-finite values with ``raise_on_nonfinite=True``.
+                non-finite values with ``nonfinite="raise"``.
         """
-        self._scale = None if scaler is None else self._scale_of(scaler)
+        cfg, st = self.config, self.statistics
+        self._scale = None if scaler is None else scale_of(scaler, self._dtype, self._device)
         groups = self.layout.index(groups)
         chunks: list[Tensor] | None = None
         if not isinstance(controls, Tensor):
-            chunks, controls, groups = self._from_chunks(losses, controls, groups)
-        batch = self._check_inputs(losses, controls, groups)
-        active, pg = self._group()
-        ready = self._num_updates >= self.config.warmup_steps  # β of this step is in use
+            chunks, controls, groups = split_controls(losses, controls, groups, cfg.num_groups)
+        batch = check_inputs(losses, controls, groups, cfg.num_groups, cfg.validate)
+        active, pg = resolve_process_group(self.process_group)
+        ready = st.num_updates >= cfg.warmup_steps  # β of this step is in use
         if self._per_sample:
             g_l, g_c, beta, finite, upd = self._per_sample_step(
                 losses, controls, groups, batch, active, pg
@@ -389,174 +285,54 @@ class GradientControl:
             )
             beta, upd = self._beta(), None
         with torch.no_grad():
-            ctl = g_l - (self._expand(beta) * g_c).sum(0)  # [P] controlled gradient
+            ctl = g_l - (self._pool.expand(beta, self._numel) * g_c).sum(0)  # [P] controlled
             if not self._per_sample:  # NaN/Inf in g_ℓ or any g_c reaches ctl (0·Inf = NaN)
                 finite = finite & all_finite(ctl)
-            if self.config.raise_on_nonfinite and not bool(finite):
+            if cfg.nonfinite == "raise" and not bool(finite):
                 raise VarRedError(
                     "losses/controls: expected finite losses, controls and gradients, got "
                     f"NaN/Inf (losses {shape_str(losses)}, controls {shape_str(controls)})"
                 )
-            out = ctl
-            if self.config.nonfinite == "zero":
-                out = torch.where(finite, ctl, torch.zeros_like(ctl))
-            self._write_grads(out if self._scale is None else out * self._scale)
-            self._update(g_l, g_c, finite, upd)
+            out = (
+                torch.where(finite, ctl, torch.zeros_like(ctl)) if cfg.nonfinite == "zero" else ctl
+            )
+            write_grads(self.params, self._sizes, out if self._scale is None else out * self._scale)
+            st.update(g_l, g_c, finite, upd)
             if not self._per_sample:
-                if not isinstance(self.config.coefficient, str):
+                if not isinstance(cfg.coefficient, str):
                     ready = torch.ones_like(ready)
-                self._update_track(ctl, g_l, finite & ready)
-            return self._diagnostics(beta, g_l, g_c, out, finite)
-
-    def _write_grads(self, out: Tensor) -> None:
-        """Split the flat ``[P]`` gradient into every ``p.grad`` (one fused copy)."""
-        views = [o.view(p.shape) for o, p in zip(out.split(self._sizes), self.params)]
-        dst, src = [], []
-        for p, v in zip(self.params, views):
-            if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype:
-                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-            dst.append(p.grad)
-            src.append(v)
-        torch._foreach_copy_(dst, src)
-
-    def _scale_of(self, scaler: Any) -> Tensor:
-        """The scaler's current scale ``S`` as a ``[]`` tensor (statistics dtype; no sync)."""
-        fn = getattr(scaler, "scale", None)
-        if not callable(fn):
-            raise VarRedError(
-                f"scaler: expected a torch.amp.GradScaler (or None), got {type(scaler).__name__}"
-            )
-        one = torch.ones((), dtype=torch.float32, device=self._device)
-        return fn(one).to(self._dtype)
-
-    def _from_chunks(
-        self, losses: Tensor, chunks: Any, groups: Tensor | None
-    ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """Per-group controls → (chunks, ``[B]`` concatenation, ``[B]`` group index); no sync."""
-        ng = self.config.num_groups
-        try:
-            parts = list(chunks)
-        except TypeError:
-            raise VarRedError(
-                f"controls: expected a tensor [B] or a sequence of {ng} tensors (one per group), "
-                f"got {type(chunks).__name__}"
-            ) from None
-        if len(parts) != ng:
-            raise VarRedError(
-                f"controls: expected {ng} per-group tensors (num_groups), got {len(parts)}"
-            )
-        if groups is not None:
-            raise VarRedError(
-                "groups: expected None when controls are split by group (the split defines "
-                f"the groups), got {shape_str(groups)}"
-            )
-        for i, c in enumerate(parts):
-            check_floating(f"controls[{i}]", c)
-            if c.dim() != 1:
-                raise VarRedError(
-                    f"controls[{i}]: expected a 1-D tensor [n_{i}], got {shape_str(c)}"
-                )
-        sizes = [c.shape[0] for c in parts]
-        if not isinstance(losses, Tensor) or losses.dim() != 1 or sum(sizes) != losses.shape[0]:
-            raise VarRedError(
-                f"controls: expected per-group sizes summing to the batch size of losses "
-                f"{shape_str(losses)}, got sizes {sizes}"
-            )
-        dev = losses.device
-        idx = torch.cat(
-            [torch.full((n,), g, dtype=torch.long, device=dev) for g, n in enumerate(sizes)]
-        )  # fill kernels, no host→device copy
-        return parts, torch.cat(parts), idx  # cat promotes mixed dtypes
-
-    def _check_inputs(self, losses: Tensor, controls: Tensor, groups: Tensor | None) -> int:
-        check_floating("losses", losses)
-        check_floating("controls", controls)
-        if losses.dim() != 1 or losses.shape[0] == 0:
-            raise VarRedError(
-                f"losses: expected a non-empty 1-D tensor [B], got {shape_str(losses)}"
-            )
-        if controls.shape != losses.shape:
-            raise VarRedError(
-                f"controls: expected shape {shape_str(losses)} (like losses), got {shape_str(controls)}"
-            )
-        if not losses.requires_grad:
-            raise VarRedError(
-                "losses: expected values that depend on params (requires_grad=True), "
-                "got requires_grad=False"
-            )
-        b = losses.shape[0]
-        if groups is not None:
-            if not isinstance(groups, Tensor) or groups.is_floating_point() or groups.is_complex():
-                got = groups.dtype if isinstance(groups, Tensor) else type(groups).__name__
-                raise VarRedError(f"groups: expected an integer tensor [B], got {got}")
-            if groups.shape != (b,):
-                raise VarRedError(f"groups: expected shape [{b}], got {shape_str(groups)}")
-            if self.config.validate:
-                lo, hi = int(groups.min()), int(groups.max())
-                if lo < 0 or hi >= self.config.num_groups:
-                    raise VarRedError(
-                        f"groups: expected values in [0, {self.config.num_groups}), "
-                        f"got min {lo} and max {hi}"
-                    )
-        return b
-
-    def _group(self) -> tuple[bool, Any]:
-        pg = self.process_group
-        if pg is None:
-            return False, None
-        if isinstance(pg, str):
-            if not (dist.is_available() and dist.is_initialized()):
-                raise VarRedError(
-                    "process_group: expected an initialised torch.distributed for 'default', "
-                    "got an uninitialised one"
-                )
-            return True, None
-        return True, pg
+                st.update_track(ctl, g_l, finite & ready)
+            vb = beta if beta.shape[0] == cfg.num_groups else self._beta()
+            return st.diagnostics(beta, self._pool.expand(vb, self._numel), g_l, g_c, out, finite)
 
     def _grads(
         self, out: Tensor, w: Tensor, batched: bool, retain: bool, name: str | None = None
     ) -> Tensor:
-        """Flat ``autograd.grad`` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``, or ``[R, B]``
-        batched rows → ``[R, P]``), unused parameters as zeros, in the statistics dtype;
-        ``name`` set: all unused is an error."""
+        """:func:`~varred.flat_grad.flat_grad` of ``out`` weighted by ``w`` (``[B]`` → ``[P]``,
+        or ``[R, B]`` batched rows → ``[R, P]``) in the statistics dtype, unscaled."""
         if self._scale is not None:
             w = w * self._scale.to(w.dtype)
-        gs = torch.autograd.grad(
-            out, self.params, grad_outputs=w, retain_graph=retain,
-            allow_unused=True, is_grads_batched=batched,
-        )  # fmt: skip
-        if name is not None and all(g is None for g in gs):
-            raise VarRedError(
-                f"{name}: expected values that depend on params, got a graph that reaches none "
-                f"of the {len(self.params)} parameter tensors"
-            )
-        lead = (w.shape[0],) if batched else ()
-        parts = [
-            torch.zeros((*lead, n), dtype=self._dtype, device=self._device)
-            if g is None else g.detach().reshape((*lead, n))
-            for g, n in zip(gs, self._sizes)
-        ]  # fmt: skip
-        flat = torch.cat(parts, dim=-1).to(self._dtype)  # [*lead, P], one cat
+        flat = flat_grad(
+            out, self.params, w, batched=batched, retain_graph=retain, dtype=self._dtype, name=name
+        )
         return flat if self._scale is None else flat / self._scale
 
     def _grad_rows(self, out: Tensor, w: Tensor, retain: bool, name: str | None = None) -> Tensor:
-        """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember)."""
+        """``[R, B]`` weight rows → ``[R, P]``: batched, looped, or ``auto`` (try, remember).
+
+        ``auto`` falls back to the loop only when the batched pass hits a missing vmap
+        batching rule (:func:`~varred.flat_grad.is_vmap_unsupported`), and remembers it.
+        """
         key = name or "controls"
         choice = self._batched_choice[key]
-        if choice is not False:
-            try:
-                rows = self._grads(out, w, True, retain or choice is None, name)
-            except RuntimeError:  # e.g. a batching rule that fails under jvp (GroupNorm + SiLU)
-                if choice is not None:
-                    raise
-                self._batched_choice[key] = False
-            else:
-                self._batched_choice[key] = True
-                return rows
-        last = w.shape[0] - 1
-        return torch.stack(
-            [self._grads(out, r, False, retain or j < last, name) for j, r in enumerate(w)]
+        mode = "auto" if choice is None else ("batched" if choice else "loop")
+        if self._scale is not None:
+            w = w * self._scale.to(w.dtype)
+        rows, used = flat_grad_rows(
+            out, self.params, w, mode=mode, retain_graph=retain, dtype=self._dtype, name=name
         )
+        self._batched_choice[key] = used
+        return rows if self._scale is None else rows / self._scale
 
     def _batch_gradients(
         self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any,
@@ -586,139 +362,25 @@ class GradientControl:
         bad = (~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()
         if active:  # sums and counts over ranks, then the global means
             cnt = torch.full((1,), float(b), dtype=self._dtype, device=bad.device)
-            red = self._allreduce(active, pg, [bad.to(self._dtype).view(1), cnt, g_l, g_c])
+            red = allreduce(active, pg, [bad.to(self._dtype).view(1), cnt, g_l, g_c])
             bad, total = red[0][0], red[1][0]
             g_l, g_c = red[2] / total, red[3] / total
         return g_l, g_c, bad == 0  # gradients are checked through the controlled one
 
-    def _allreduce(self, active: bool, pg: Any, xs: list[Tensor]) -> list[Tensor]:
-        """Sum ``xs`` over the process group in one flat all-reduce (identity when inactive)."""
-        if not active:
-            return xs
-        flat = torch.cat([x.reshape(-1) for x in xs])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
-        return [y.view_as(x) for y, x in zip(flat.split([x.numel() for x in xs]), xs)]
-
     def _per_sample_step(
         self, losses: Tensor, controls: Tensor, groups: Tensor | None, b: int, active: bool, pg: Any
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
-        """Per-sample gradients ``[B, P]`` → per (fold, group) sufficient statistics → β, grads.
-
-        Returns ``g_l [P]``, ``g_c [L, P]`` (per fold×group sums over the global batch size),
-        compact β ``[L, ·]``, ``finite`` and the batch moments to merge (``L = folds·G`` or
-        ``G``).
-        """
+        """Per-sample gradient rows ``[B, P]``, then :func:`~varred.gradient_fit.per_sample_fit`."""
         cfg = self.config
-        ng = cfg.num_groups
-        k = cfg.folds if cfg.per_sample_fit == "crossfit" else 1
         dev = losses.device
         eye = torch.eye(b, dtype=losses.dtype, device=dev)
         need_c = controls.requires_grad
         gl = self._grad_rows(losses, eye, need_c, name="losses")  # [B, P]
         gc = self._grad_rows(controls, eye.to(controls.dtype), False) if need_c else gl * 0
         gi = groups.long() if groups is not None else torch.zeros(b, dtype=torch.long, device=dev)
-        member = gi[None, :] == torch.arange(ng, device=dev)[:, None]  # [G, B]
-        rank = (member.cumsum(1) - 1).gather(0, gi[None, :])[0]  # [B]: index within own group
-        idx = (rank % k) * ng + gi  # [B], fold-major cell index; folds alternate within groups
-        oh = torch.nn.functional.one_hot(idx, k * ng).T.to(self._dtype)  # [L, B]
-
-        def gsum(x: Tensor) -> Tensor:  # [L, P] -> [G, P], sums over folds
-            return x.view(k, ng, -1).sum(0)
-
-        def m2(s2: Tensor, s1x: Tensor, s1y: Tensor, cnt: Tensor) -> Tensor:
-            return s2 - safe_div(s1x * s1y, cnt[:, None])
-
-        bad = ((~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()).to(self._dtype)
-        n, bad, sc, sl = self._allreduce(active, pg, [oh.sum(1), bad.view(1), oh @ gc, oh @ gl])
-        bad = bad[0]
-        n_g = n.view(k, ng).sum(0)  # [G]
-        ncol = n_g[:, None]
-        total = n.sum()
-        mc, ml = safe_div(gsum(sc), ncol), safe_div(gsum(sl), ncol)  # [G, P] batch means
-        dc, dl = gc - mc[gi], gl - ml[gi]  # [B, P], centred at the global group mean
-        s1c, s1l, s2cc, s2cl, s2ll = self._allreduce(
-            active, pg, [oh @ dc, oh @ dl, oh @ (dc * dc), oh @ (dc * dl), oh @ (dl * dl)]
-        )
-        a, c = gsum(s1c), gsum(s1l)
-        batch = {
-            "mean_c": mc + safe_div(a, ncol),
-            "mean_l": ml + safe_div(c, ncol),
-            "cov_cc": safe_div(m2(gsum(s2cc), a, a, n_g), ncol),
-            "cov_cl": safe_div(m2(gsum(s2cl), a, c, n_g), ncol),
-            "cov_ll": safe_div(m2(gsum(s2ll), c, c, n_g), ncol),
-        }
-        g_l = sl.sum(0) / total
-        if k == 1:
-            beta, g_c = self._beta(), sc / total
-        else:  # fold j uses the statistics of the other folds of this batch
-            n_o = (n_g[None] - n.view(k, ng)).reshape(-1)  # [L]
-
-            def other(x: Tensor) -> Tensor:  # [L, P] -> [L, P], sums over the other folds
-                return (gsum(x)[None] - x.view(k, ng, -1)).reshape(x.shape)
-
-            cl = m2(other(s2cl), other(s1c), other(s1l), n_o)
-            cc = m2(other(s2cc), other(s1c), other(s1c), n_o)
-            beta, g_c = self._pool(cl, cc, n_o), sc / total
-        finite = (bad == 0) & all_finite(sc) & all_finite(sl)
-        return g_l, g_c, beta, finite, (batch, n_g)
-
-    # ---------------------------------------------------------------- statistics
-    def _update(self, g_l: Tensor, g_c: Tensor, finite: Tensor, upd: Any) -> None:
-        """Fold this step into the statistics, unless it was non-finite (masked, no sync)."""
-        if upd is not None:  # per-sample batch moments: the general merge (Chan et al.)
-            batch, count = upd
-            new, new_w = merge_moments(
-                self._stats, self._weight, batch, count, float(self.config.decay)
-            )
-            self._stats = {k: torch.where(finite, new[k], self._stats[k]) for k in _STATS}
-            self._weight = torch.where(finite, new_w, self._weight)
-        else:  # running: one observation (g_c, g_ℓ) per step, weight 1, in place
-            st = self._stats
-            self._weight = moment_step(
-                self._weight, finite, [(st["mean_c"], g_c), (st["mean_l"], g_l[None])],
-                [(st["cov_cc"], 0, 0), (st["cov_cl"], 0, 1), (st["cov_ll"], 1, 1)],
-                float(self.config.decay),
-            )  # fmt: skip
-        self._num_updates = self._num_updates + finite.long()
-
-    def _update_track(self, ctl: Tensor, g_l: Tensor, ok: Tensor) -> None:
-        """Running moments of the applied ``ctl [P]`` and plain ``g_l [P]`` step gradients.
-
-        Only steps with ``ok`` (finite, β in use) count, each with weight 1 under ``decay``;
-        the variances are kept as traces ``[]``.
-        """
-        t = self._track
-        t["track_weight"] = moment_step(
-            t["track_weight"], ok, [(t["ctl_mean"], ctl), (t["plain_mean"], g_l)],
-            [(t["ctl_var"], 0, 0), (t["plain_var"], 1, 1)], float(self.config.decay),
+        bad = (~torch.isfinite(losses)).sum() + (~torch.isfinite(controls)).sum()
+        k = cfg.folds if cfg.per_sample_fit == "crossfit" else 1
+        return per_sample_fit(
+            gl, gc, gi, cfg.num_groups, k, bad, self._pool, self._beta,
+            lambda xs: allreduce(active, pg, xs),
         )  # fmt: skip
-
-    def _diagnostics(
-        self, beta: Tensor, g_l: Tensor, g_c: Tensor, out: Tensor, finite: Tensor
-    ) -> dict[str, Tensor]:
-        st, w = self._stats, self._weight
-        ng = self.config.num_groups
-        vb = self._expand(beta if beta.shape[0] == ng else self._beta())  # [G, P | 1]
-        cl, cc = st["cov_cl"], st["cov_cc"]
-        tll = st["cov_ll"].sum(1)  # [1] (running) or [G] (per-sample)
-        # [G]: tr Var(g_ℓ − β_g g_c,g) = tr Var(g_ℓ) − Σ (2β Cov − β² Var) ≥ 0 (a PSD form)
-        resid = (tll - (vb * (2 * cl - vb * cc)).sum(1)).clamp(min=0)
-        per_group = torch.where(tll > 0, resid / torch.where(tll > 0, tll, 1), 1.0)
-        if self._per_sample:  # pooled within-group per-sample ratio
-            num, den = (resid * w).sum(), (tll * w).sum()
-        else:  # tracked moments of the applied vs the plain step gradient
-            num, den = self._track["ctl_var"], self._track["plain_var"]
-        ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1), 1.0)
-        return {
-            "variance_ratio": ratio.to(self._dtype),
-            "variance_ratio_per_group": per_group.to(self._dtype),
-            "correlation": safe_div(cl.sum(1), torch.sqrt(cc.sum(1) * tll)),
-            "beta_mean": beta.mean(),
-            "beta_min": beta.min(),
-            "beta_max": beta.max(),
-            "grad_norm_loss": torch.linalg.vector_norm(g_l),
-            "grad_norm_control": torch.linalg.vector_norm(g_c.sum(0)),
-            "grad_norm": torch.linalg.vector_norm(out),
-            "finite": finite,
-            "num_updates": self._num_updates.clone(),
-        }

@@ -10,8 +10,13 @@ from typing import Any
 import torch
 
 from varred.errors import VarRedError, check_floating, shape_str
+from varred.moments import check_decay
+from varred.vocabulary import Fit, canonical
 
-__all__ = ["GradientControlConfig", "check_params"]
+__all__ = ["NONFINITE_POLICIES", "GradientControlConfig", "check_params"]
+
+#: what a step with NaN/Inf writes: the gradient as is, zeros, or an error.
+NONFINITE_POLICIES = ("propagate", "zero", "raise")
 
 Tensor = torch.Tensor
 
@@ -48,20 +53,19 @@ class GradientControlConfig:
             raise VarRedError(
                 f"coefficient: expected 'running', 'per_sample' or a finite float, got {c!r}"
             )
-        if isinstance(self.decay, bool) or not isinstance(self.decay, numbers.Real):
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
-        if not 0.0 < float(self.decay) <= 1.0:
-            raise VarRedError(f"decay: expected a float in (0, 1], got {self.decay!r}")
+        check_decay(self.decay)
         for name, low in (("num_groups", 1), ("warmup_steps", 0), ("folds", 2)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
                 raise VarRedError(f"{name}: expected an integer >= {low}, got {v!r}")
-        if self.per_sample_fit not in ("running", "crossfit"):
+        canonical("per_sample_fit", self.per_sample_fit, (Fit.RUNNING, Fit.CROSSFIT))
+        if self.nonfinite not in NONFINITE_POLICIES:
             raise VarRedError(
-                f"per_sample_fit: expected 'running' or 'crossfit', got {self.per_sample_fit!r}"
+                f"nonfinite: expected 'propagate', 'zero' or 'raise', got {self.nonfinite!r}"
             )
-        if self.nonfinite not in ("propagate", "zero"):
-            raise VarRedError(f"nonfinite: expected 'propagate' or 'zero', got {self.nonfinite!r}")
+        if self.raise_on_nonfinite and self.nonfinite != "raise":  # the deprecated spelling
+            object.__setattr__(self, "nonfinite", "raise")
+        object.__setattr__(self, "raise_on_nonfinite", self.nonfinite == "raise")
         if self.group_backward not in ("auto", "batched", "loop"):
             raise VarRedError(
                 f"group_backward: expected 'auto', 'batched' or 'loop', got {self.group_backward!r}"

@@ -17,13 +17,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from varred.errors import VarRedError
+from varred.vocabulary import BetaLayout, canonical
 
 __all__ = ["GRANULARITIES", "CoefficientLayout", "Grouping"]
 
 Tensor = torch.Tensor
 
-#: β layouts of :class:`varred.GradientControl`, finest first.
+#: β layouts of :class:`varred.GradientControl`, finest first (a subset of BetaLayout).
 GRANULARITIES = ("element", "tensor", "scalar")
+_MEMBERS = (BetaLayout.ELEMENT, BetaLayout.TENSOR, BetaLayout.SCALAR)
 
 
 @runtime_checkable
@@ -92,10 +94,9 @@ class CoefficientLayout:
     shrinkage: float | None = None
 
     def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise VarRedError(
-                f"granularity: expected 'element', 'tensor' or 'scalar', got {self.granularity!r}"
-            )
+        object.__setattr__(
+            self, "granularity", canonical("granularity", self.granularity, _MEMBERS)
+        )
         n = _num_groups_of(self.groups)
         k = self.shrinkage
         if k is None:

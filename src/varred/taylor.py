@@ -4,148 +4,45 @@
 and the control ``c_k(ε) = T^k f̃(ε) − E[T^k f̃]`` (Jeha et al. 2024, the Taylor CV;
 Owen, *Monte Carlo theory*, ch. 8 for control variates). Odd orders have mean zero;
 even orders ``j = 2m`` have mean ``(j − 1)!! Δ^m f̃(0)`` (Isserlis 1918). See
-``docs/taylor.md`` for the routes to that mean and their cost.
+``docs/taylor.md`` for the routes to that mean and their cost. The derivatives themselves
+are in :mod:`varred.derivatives` (``taylor_terms`` and ``iterated_laplacian`` are re-exported
+here).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
-from torch.func import jvp
 
+from varred.derivatives import iterated_laplacian, laplacian_rows, sum_scaled, taylor_terms
 from varred.errors import VarRedError, check_finite, check_floating, check_order, shape_str
 from varred.gaussian import cubature_size, gauss_hermite_cubature
+from varred.vocabulary import MeanMethod, ProbeDistribution
 
 __all__ = ["TaylorCV", "iterated_laplacian", "taylor_terms"]
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
-EXPECTATIONS = ("exact", "probe")
-PROBES = ("gaussian", "rademacher")
+EXPECTATIONS = (MeanMethod.EXACT.value, MeanMethod.PROBE.value)
+PROBES = tuple(p.value for p in ProbeDistribution)
 EXACT_METHODS = ("auto", "cubature", "laplacian")
 
 
-def taylor_terms(f: Fn, x0: torch.Tensor, v: torch.Tensor, order: int) -> list[torch.Tensor]:
-    """Directional derivatives ``D^j f(x0)[v, ..., v]`` for ``j = 0..order``.
-
-    One nested ``torch.func.jvp`` of depth ``order``; every lower order comes out of
-    the same call (the tangent of ``D^j`` is ``D^{j+1}``), so no order is recomputed.
-
-    Args:
-        f: batched function ``[n, d] -> [n, *out]`` whose rows are independent.
-        x0: expansion points ``[n, d]``.
-        v: directions ``[n, d]``.
-        order: highest derivative order ``k >= 0``.
-
-    Returns:
-        ``k + 1`` tensors, each ``[n, *out]``; entry ``j`` is ``D^j f(x0)[v^j]``
-        (not divided by ``j!``).
-    """
-
-    def nested(j: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-        if j == 0:
-            return lambda x: (f(x),)
-        inner = nested(j - 1)
-
-        def g(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            primals, tangents = jvp(inner, (x,), (v,))[:2]
-            # primals = (D^0, ..., D^{j-1}); tangents = (D^1, ..., D^j)
-            return (primals[0], *tangents)
-
-        return g
-
-    return list(nested(order)(x0))
-
-
-def mixed_derivative(f: Fn, x0: torch.Tensor, directions: list[torch.Tensor]) -> torch.Tensor:
-    """``D^r f(x0)[u_1, ..., u_r]`` by ``r`` nested jvps, a different direction per level.
-
-    Args:
-        f: batched function ``[n, d] -> [n, *out]``, rows independent.
-        x0: points ``[n, d]``.
-        directions: ``r`` tensors ``[n, d]`` (row ``i`` differentiates row ``i``).
-
-    Returns:
-        ``[n, *out]``.
-    """
-    g = f
-    for u in directions:
-        g = (lambda inner, u_: lambda x: jvp(inner, (x,), (u_,))[1])(g, u)
-    return g(x0)
-
-
-def _laplacian_combos(d: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multisets ``{i_1 ≤ … ≤ i_m}`` of ``range(d)`` ``[C, m]`` and multiplicities ``[C]``."""
-    combos = list(itertools.combinations_with_replacement(range(d), m))
-    mult = [
-        math.factorial(m) // math.prod(math.factorial(c.count(i)) for i in set(c)) for c in combos
-    ]
-    return torch.tensor(combos, dtype=torch.long), torch.tensor(mult, dtype=torch.float64)
-
-
-def laplacian_rows(d: int, max_m: int) -> int:
-    """Rows of :func:`iterated_laplacian` for ``m = 1..max_m``: ``Σ_m C(d + m − 1, m)``."""
-    return sum(math.comb(d + m - 1, m) for m in range(1, max_m + 1))
-
-
-def iterated_laplacian(
-    f: Fn,
-    point: torch.Tensor,
-    m: int,
-    *,
-    scale_tril: torch.Tensor | None = None,
-    chunk_size: int | None = 4096,
-) -> torch.Tensor:
-    """``Δ^m f̃(0)`` for ``f̃(ε) = f(point + L ε)``: ``Σ_{i_1..i_m} ∂²_{i_1} ⋯ ∂²_{i_m} f̃(0)``.
-
-    Mixed partials are symmetric, so only the ``C(d + m − 1, m)`` multisets of
-    indices are differentiated (nested jvp of depth ``2m`` along
-    ``L e_{i_1}, L e_{i_1}, …, L e_{i_m}, L e_{i_m}``), weighted by their number of
-    orderings; all combinations share one batch (in chunks of ``chunk_size`` rows).
-
-    Args:
-        f: batched function ``[n, d] -> [n, *out]``, rows independent.
-        point: expansion point ``[d]``.
-        m: power of the Laplacian, ``≥ 0``.
-        scale_tril: ``L`` ``[d, d]`` (identity when ``None``).
-        chunk_size: rows per call of ``f`` (``None``: all at once).
-
-    Returns:
-        ``[*out]``, differentiable w.r.t. anything ``f`` closes over.
-
-    >>> lap = iterated_laplacian(lambda x: (x**4).sum(1), torch.zeros(3, dtype=torch.float64), 2)
-    >>> float(lap)  # Δ² Σ x_i⁴ = 24 d
-    72.0
-    """
-    m = check_order(m, name="m")
-    d = point.shape[0]
-    x_point = point.reshape(1, d)
-    if m == 0:
-        return f(x_point)[0]
-    cols = (
-        torch.eye(d, dtype=point.dtype, device=point.device) if scale_tril is None else scale_tril.T
-    )
-    combos, mult = _laplacian_combos(d, m)  # [C, m], [C]
-    combos, mult = combos.to(point.device), mult.to(point.device, point.dtype)
-    step = combos.shape[0] if chunk_size is None else chunk_size
-    total: torch.Tensor | None = None
-    for start in range(0, combos.shape[0], step):
-        idx, w = combos[start : start + step], mult[start : start + step]
-        dirs = [cols[idx[:, t // 2]] for t in range(2 * m)]  # 2m × [c, d]
-        vals = mixed_derivative(f, x_point.expand(idx.shape[0], d).clone(), dirs)  # [c, *out]
-        part = (w.reshape(-1, *([1] * (vals.ndim - 1))) * vals).sum(0)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
+def _count(n: int) -> str:
+    """A row count for a message: exact up to 10¹², then ``≈ 1.2e+374``-style."""
+    if n < 10**12:
+        return str(n)
+    digits = len(str(n))
+    return f"≈ {int(str(n)[:2]) / 10:.1f}e+{digits - 1:d}"
 
 
 class TaylorCV:
     r"""Order-k Taylor control variate of ``f`` under ``x = μ + L ε``, ``ε ~ N(0, I_d)``.
 
     ``cv(ε) = T^k f̃(ε) − E[T^k f̃]`` with ``f̃(ε) = f(μ + L ε)``; ``E[cv] = 0`` exactly
-    (``expectation="exact"``) or in expectation over independent probes
+    (``mean_method="exact"``) or in expectation over independent probes
     (``"probe"``: per sample ``i`` the even orders' mean is replaced by
     ``mean_p Σ_{even j≥2} D^j f̃(0)[ε'^j_{ip}] / j!``, unbiased and independent of
     ``ε_i``). Jeha, Grathwohl, Andersen, Ek & Frellsen (2024).
@@ -155,7 +52,9 @@ class TaylorCV:
         order: ``k ≥ 0``.
         mean: ``μ`` ``[d]`` (zero when ``None``).
         scale_tril: ``L`` ``[d, d]``, covariance ``L Lᵀ`` (identity when ``None``).
-        expectation: ``"exact"`` (Isserlis means, small d) or ``"probe"`` (any d).
+        mean_method: how the control's mean is computed: ``"exact"`` (Isserlis means, small d)
+            or ``"probe"`` (any d). (Named ``expectation`` before; that keyword still works,
+            with a ``DeprecationWarning``: it clashed with the method :meth:`expectation`.)
         num_probes: probes per sample ``P ≥ 1`` for ``"probe"``.
         probe_distribution: ``"gaussian"`` or ``"rademacher"`` (only for ``order ≤ 3``).
         exact_method: ``"auto"`` (cheapest), ``"cubature"`` or ``"laplacian"``.
@@ -175,19 +74,29 @@ class TaylorCV:
         *,
         mean: torch.Tensor | None = None,
         scale_tril: torch.Tensor | None = None,
-        expectation: str = "exact",
+        mean_method: str = "exact",
         num_probes: int = 1,
         probe_distribution: str = "gaussian",
         exact_method: str = "auto",
         max_evaluations: int = 50_000,
         chunk_size: int | None = 4096,
+        expectation: str | None = None,
     ) -> None:
+        if expectation is not None:  # the old name, clashing with the method expectation()
+            warnings.warn(
+                "TaylorCV(expectation=...) is deprecated; use mean_method=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            mean_method = expectation
+        arg = "expectation" if expectation is not None else "mean_method"
+        expectation = mean_method
         if not callable(f):
             raise VarRedError(f"f: expected a callable [n, d] -> [n, ...], got {type(f).__name__}")
         self.f = f
         self.order = check_order(order)
         for name, value, allowed in (
-            ("expectation", expectation, EXPECTATIONS),
+            (arg, expectation, EXPECTATIONS),
             ("probe_distribution", probe_distribution, PROBES),
             ("exact_method", exact_method, EXACT_METHODS),
         ):
@@ -200,7 +109,7 @@ class TaylorCV:
                 f"probe_distribution: 'rademacher' probes are biased for the order-4 mean "
                 f"(E z⁴ = 1, not 3); expected order ≤ 3 or 'gaussian', got order={self.order}"
             )
-        self.expectation_kind = expectation
+        self.mean_method = expectation
         self.num_probes = int(num_probes)
         self.probe_distribution = probe_distribution
         self.exact_method = exact_method
@@ -310,6 +219,11 @@ class TaylorCV:
         return self.f(x0 + v) - sum_scaled(self._terms(x0, v, self.order), start=0)
 
     # ------------------------------------------------------------------ means
+    @property
+    def expectation_kind(self) -> str:
+        """Deprecated alias of :attr:`mean_method`."""
+        return self.mean_method
+
     def exact_route(self, d: int) -> str:
         """The exact route ``"cubature"`` or ``"laplacian"`` used in dimension ``d``.
 
@@ -325,9 +239,10 @@ class TaylorCV:
             allowed = [r for r in allowed if r == self.exact_method]
         if not allowed:
             raise VarRedError(
-                f"expectation: the exact mean for d={d}, order={self.order} needs "
-                f"{rows} rows, more than max_evaluations={self.max_evaluations} "
-                f"(exact_method={self.exact_method!r}); use expectation='probe' (unbiased, any d)"
+                f"mean_method: the exact mean for d={d}, order={self.order} needs "
+                f"{', '.join(f'{r} {_count(n)}' for r, n in rows.items())} rows, more than "
+                f"max_evaluations={self.max_evaluations} "
+                f"(exact_method={self.exact_method!r}); use mean_method='probe' (unbiased, any d)"
             )
         return min(allowed, key=lambda r: cost[r])
 
@@ -411,7 +326,7 @@ class TaylorCV:
             return check_finite("probe_noise", probe_noise).to(eps)
         if generator is None:
             raise VarRedError(
-                "generator: expectation='probe' needs independent probes; expected a "
+                "generator: mean_method='probe' needs independent probes; expected a "
                 "torch.Generator or probe_noise [num_probes, n, d], got neither"
             )
         if self.probe_distribution == "gaussian":
@@ -434,13 +349,13 @@ class TaylorCV:
 
         Args:
             eps: standard-normal samples ``[n, d]``.
-            generator: draws the probes (``expectation="probe"``, ``order ≥ 2``).
+            generator: draws the probes (``mean_method="probe"``, ``order ≥ 2``).
             probe_noise: explicit probes ``[num_probes, n, d]`` instead of ``generator``.
         """
         x0, v = self._prepare(eps)
         n, d = eps.shape
         k = self.order
-        if self.expectation_kind == "probe" and k >= 2:
+        if self.mean_method == "probe" and k >= 2:
             probes = self._probes(eps, generator, probe_noise)  # [P, n, d]
             pv = self._directions(probes).reshape(-1, d)  # [P, n, d] -> [P*n, d]
             x_all = torch.cat([x0, x0[:1].expand(pv.shape[0], d)])  # [(1+P)n, d]
@@ -453,16 +368,5 @@ class TaylorCV:
             return torch.zeros((n, *y0.shape[1:]), dtype=y0.dtype, device=y0.device)
         terms = self._terms(x0, v, k)
         out = sum_scaled(terms, start=1)
-        even = self._even_mean(d, eps) if self.expectation_kind == "exact" else None
+        even = self._even_mean(d, eps) if self.mean_method == "exact" else None
         return out if even is None else out - even
-
-
-def sum_scaled(terms: list[torch.Tensor], start: int, step: int = 1) -> torch.Tensor:
-    """``Σ_{j = start, start + step, …} terms[j] / j!`` (``terms[j] = D^j f[v^j]``)."""
-    picked = [terms[j] / math.factorial(j) for j in range(start, len(terms), step)]
-    if not picked:
-        return torch.zeros_like(terms[0])
-    total = picked[0]
-    for t in picked[1:]:
-        total = total + t
-    return total

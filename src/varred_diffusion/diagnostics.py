@@ -171,7 +171,8 @@ def gradient_variance_ratio(
         generator: the only randomness (draws, and probes of the control).
         num_fit, num_eval: numbers of units for fitting β and for evaluation.
         unit_size: draws per unit.
-        kinds: coefficient kinds among ``COEFFICIENT_KINDS``; "bin" needs ``bins``.
+        kinds: coefficient kinds among ``COEFFICIENT_KINDS`` (``varred.vocabulary.BetaLayout``
+            names; ``"full"`` is accepted for ``"bin"``); "bin" needs ``bins``.
         bins: object with ``index(sigma) -> LongTensor[B]`` and ``num_bins`` (``SigmaBins``).
         loss_fn, control_fn: override ``dsm_loss`` / ``dsm_taylor_cv(order=order)``.
         expectation: passed to ``dsm_taylor_cv``.
@@ -188,7 +189,7 @@ def gradient_variance_ratio(
     >>> vr = gradient_variance_ratio(model, draw, order=0, generator=g)  # doctest: +SKIP
     >>> vr.ratio["element"]  # doctest: +SKIP
     """
-    if "bin" in kinds and bins is None:
+    if any(k in ("bin", "full") for k in kinds) and bins is None:
         raise VarRedError("bins: kind 'bin' needs a SigmaBins-like object, got None")
     blocks = resolve_num_blocks(num_blocks, num_eval)
     if loss_fn is None or control_fn is None:

@@ -3,7 +3,7 @@
 The building blocks of :func:`varred_diffusion.gradient_variance_ratio`: gradients of
 weighted per-sample losses/controls (one backward per sample or per unit), the additive
 sufficient statistics :class:`GradientMoments` of unit gradients ``g`` and binned control
-gradients ``h_b`` (float64, never the ``[N, P]`` matrix), the variance-minimising β of each
+gradients ``h_b`` (centred, float64, never the ``[N, P]`` matrix), the variance-minimising β of each
 kind (``unit``, ``scalar``, ``element``, ``bin``) and ``tr Cov[g − Σ_b β_b ⊙ h_b]``.
 """
 
@@ -15,6 +15,9 @@ import torch
 from torch import nn
 
 from varred.errors import VarRedError
+from varred.flat_grad import flat_grad, flat_grad_rows, is_vmap_unsupported
+from varred.moments import Moments, batch_moments, covariance, empty_moments, merge
+from varred.vocabulary import BetaLayout, canonical
 
 __all__ = [
     "COEFFICIENT_KINDS",
@@ -26,7 +29,8 @@ __all__ = [
     "weighted_gradients",
 ]
 
-COEFFICIENT_KINDS = ("unit", "scalar", "element", "bin")
+COEFFICIENT_KINDS = ("unit", "scalar", "element", "bin")  # "bin" = BetaLayout.FULL over bins
+_LAYOUTS = (BetaLayout.UNIT, BetaLayout.SCALAR, BetaLayout.ELEMENT, BetaLayout.FULL)
 Tensor = torch.Tensor
 ValueFn = Callable[[Callable[[Tensor, Tensor], Tensor], Tensor, Tensor, Tensor], Tensor]
 
@@ -36,8 +40,8 @@ def weighted_gradients(
 ) -> Tensor:
     """Gradients of ``Σ_i weights[k, i] · values[i]`` for every row ``k``.
 
-    One batched backward (``torch.autograd.grad(..., is_grads_batched=True)``); falls back
-    to a loop of backwards if an operation has no batching rule.
+    One batched backward (``is_grads_batched``); a loop of backwards only if an operation has
+    no vmap batching rule (:func:`varred.flat_grad.flat_grad_rows`).
 
     Args:
         values: ``[B]`` differentiable per-sample values.
@@ -47,32 +51,10 @@ def weighted_gradients(
     Returns:
         ``[K, P]`` flattened gradients (float64); parameters outside the graph give zeros.
     """
-    params = list(params)
-    w = weights.to(values.dtype)
-    try:
-        grads = torch.autograd.grad(
-            values, params, grad_outputs=w, is_grads_batched=True,
-            retain_graph=retain_graph, allow_unused=True,
-        )  # fmt: skip
-    except RuntimeError:
-        rows = [
-            torch.autograd.grad(
-                values, params, grad_outputs=w[k], retain_graph=True, allow_unused=True
-            )
-            for k in range(w.shape[0])
-        ]
-        grads = tuple(
-            torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
-            for j, p in enumerate(params)
-        )
-    k = w.shape[0]
-    flat = [
-        (
-            g if g is not None else torch.zeros((k, *p.shape), dtype=p.dtype, device=p.device)
-        ).reshape(k, -1)
-        for g, p in zip(grads, params)
-    ]
-    return torch.cat(flat, dim=1).double()  # [K, P]
+    rows, _ = flat_grad_rows(
+        values, list(params), weights, retain_graph=retain_graph, dtype=torch.float64
+    )
+    return rows
 
 
 def per_sample_gradients(
@@ -118,53 +100,64 @@ def per_sample_gradients(
         try:
             g = vmap(grad(one), in_dims=(None, 0, 0, 0))(detached, x, sigma, noise)
             return torch.cat([g[k].reshape(x.shape[0], -1) for k in named], dim=1).double()
-        except Exception:
-            if method == "vmap":
+        except (RuntimeError, NotImplementedError) as err:  # only a vmap limitation falls back
+            if method == "vmap" or not is_vmap_unsupported(err):
                 raise
     values = value_fn(lambda xx, ss: model(xx, ss), x, sigma, noise)
     eye = torch.eye(x.shape[0], dtype=values.dtype, device=values.device)
     return weighted_gradients(values, list(named.values()), eye, retain_graph=False)
 
 
-class GradientMoments:
-    """Streaming sums of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
+_PAIRS = {
+    "gg": ("g", "g", "...,...->..."),  # Var g [P]
+    "gh": ("g", "h", "p,bp->bp"),  # Cov(g, h_b) [nb, P]
+    "hh": ("h", "h", "bp,cp->bcp"),  # Cov(h_b, h_c) [nb, nb, P]
+}
 
-    Holds ``n``, ``Σg``, ``Σh_b``, ``Σg²``, ``Σg h_b`` and ``Σh_b h_b'`` per element, in
-    float64: enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with any β.
+
+def _to(m: Moments, device: torch.device) -> Moments:
+    return Moments(m.weight.to(device), {k: v.to(device) for k, v in m.mean.items()},
+                   {k: v.to(device) for k, v in m.cov.items()})  # fmt: skip
+
+
+class GradientMoments:
+    """Streaming centred moments of unit gradients ``g [P]`` and binned control gradients ``h [nb, P]``.
+
+    One :class:`varred.moments.Moments` state (float64, on the gradients' device): the weight, the means of
+    ``g`` and ``h_b`` and the centred ``Var g``, ``Cov(g, h_b)``, ``Cov(h_b, h_c)`` per element,
+    merged batch by batch (Chan et al. 1979): enough for ``tr Cov[g − Σ_b β_b ⊙ h_b]`` with
+    any β, without cancellation when the mean dominates.
+
+    Args:
+        num_params: ``P``.
+        num_bins: ``nb``.
     """
 
     def __init__(self, num_params: int, num_bins: int = 1) -> None:
         self.num_bins = int(num_bins)
         p, nb = int(num_params), self.num_bins
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.n = 0
-        self.sg, self.sgg = z(p), z(p)
-        self.sh, self.sgh = z(nb, p), z(nb, p)
-        self.shh = z(nb, nb, p)
+        self.n = 0  # number of units added
+        kw = {"dtype": torch.float64}
+        self.state = empty_moments({"g": (p,), "h": (nb, p)}, _PAIRS, **kw)
 
-    def update(self, g: Tensor, h: Tensor | None = None) -> None:
-        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (or ``None``: no control); kept on the CPU."""
-        g = g.detach().double().cpu()
+    def update(self, g: Tensor, h: Tensor | None = None, weights: Tensor | None = None) -> None:
+        """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control), optional unit
+        ``weights [U]`` (default 1); the statistics live on ``g``'s device."""
+        g = g.detach().double()
+        if self.n == 0:
+            self.state = _to(self.state, g.device)
+        hh = (
+            g.new_zeros(g.shape[0], self.num_bins, g.shape[1]) if h is None else h.detach().double()
+        )
+        w = None if weights is None else weights.detach().to(g)
+        self.state = merge(self.state, batch_moments({"g": g, "h": hh}, _PAIRS, w), _PAIRS)
         self.n += g.shape[0]
-        self.sg += g.sum(0)
-        self.sgg += (g * g).sum(0)
-        if h is not None:
-            h = h.detach().double().cpu()
-            self.sh += h.sum(0)
-            self.sgh += torch.einsum("up,ubp->bp", g, h)
-            self.shh += torch.einsum("ubp,ucp->bcp", h, h)
 
     def covariances(self) -> tuple[Tensor, Tensor, Tensor]:
         """Unbiased ``Var g [P]``, ``Cov(g, h_b) [nb, P]``, ``Cov(h_b, h_c) [nb, nb, P]``."""
         if self.n < 2:
             raise VarRedError(f"moments: need at least 2 units, got {self.n}")
-        n = self.n
-        mg, mh = self.sg / n, self.sh / n
-        c = n / (n - 1)
-        vg = (self.sgg / n - mg * mg) * c
-        cgh = (self.sgh / n - mh * mg) * c
-        chh = (self.shh / n - mh[:, None] * mh[None, :]) * c
-        return vg, cgh, chh
+        return tuple(covariance(self.state, k, unbiased=True) for k in _PAIRS)  # type: ignore[return-value]
 
 
 def fit_coefficients(
@@ -181,19 +174,25 @@ def fit_coefficients(
     cov_tot = cgh.sum(0)  # Cov(g, Σ_b h_b): [P]
     var_tot = chh.sum((0, 1))  # Var(Σ_b h_b): [P]
     out: dict[str, Tensor] = {}
-    for kind in kinds:
+    for name in kinds:
+        try:  # "full" is the shared name of "bin" (varred.vocabulary.BetaLayout)
+            kind = canonical("kinds", name, _LAYOUTS)
+        except VarRedError:
+            raise VarRedError(
+                f"kinds: expected entries of {COEFFICIENT_KINDS}, got {name!r}"
+            ) from None
         if kind == "unit":
-            beta = torch.ones(nb, p, dtype=torch.float64)
+            beta = torch.ones(nb, p, dtype=torch.float64, device=cgh.device)
         elif kind == "scalar":
             den = var_tot.sum()
-            b = cov_tot.sum() / den if den > 0 else torch.zeros((), dtype=torch.float64)
+            b = torch.where(den > 0, cov_tot.sum() / den.clamp_min(1e-300), 0.0)  # no sync
             beta = b.expand(nb, p).clone()
         elif kind == "element":
             b = torch.where(
                 var_tot > 0, cov_tot / var_tot.clamp_min(1e-300), torch.zeros_like(var_tot)
             )
             beta = b.expand(nb, p).clone()
-        elif kind == "bin":
+        elif kind == "full":
             a = chh.permute(2, 0, 1)  # [P, nb, nb]
             diag = torch.diagonal(a, dim1=1, dim2=2)
             scale = diag.sum(-1, keepdim=True).clamp_min(1e-300)
@@ -201,9 +200,7 @@ def fit_coefficients(
             a = a + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge * scale))
             beta = torch.linalg.solve(a, cgh.T.unsqueeze(-1)).squeeze(-1).T  # [nb, P]
             beta = torch.where(empty.T, torch.zeros_like(beta), beta)
-        else:
-            raise VarRedError(f"kinds: expected entries of {COEFFICIENT_KINDS}, got {kind!r}")
-        out[kind] = beta
+        out[name] = beta
     return out
 
 
@@ -215,13 +212,6 @@ def controlled_variance(moments: GradientMoments, beta: Tensor | None = None) ->
     beta = beta.double()
     var = vg - 2 * (beta * cgh).sum(0) + torch.einsum("bp,bcp,cp->p", beta, chh, beta)
     return float(var.sum())
-
-
-def _flat_grad(value: Tensor, params: Sequence[Tensor], retain: bool) -> Tensor:
-    grads = torch.autograd.grad(value, list(params), retain_graph=retain, allow_unused=True)
-    return torch.cat(
-        [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]
-    ).double()
 
 
 def unit_gradients(
@@ -246,18 +236,16 @@ def unit_gradients(
         ``g [P]`` and ``h [nb, P]`` (float64); absent bins are zero.
     """
     m = losses.shape[0]
-    w = (
-        torch.full((m,), 1.0 / m, dtype=losses.dtype)
-        if weights is None
-        else weights.to(losses.dtype)
+    dev = losses.device
+    w = torch.full((m,), 1.0 / m, dtype=losses.dtype, device=dev) if weights is None else weights
+    w = w.to(dtype=losses.dtype, device=dev)
+    g = flat_grad(
+        (w * losses).sum(), params, retain_graph=controls is not None, dtype=torch.float64
     )
-    idx = torch.zeros(m, dtype=torch.long) if bin_index is None else bin_index.long()
-    present = sorted(set(idx.tolist()))
-    g = _flat_grad((w * losses).sum(), params, retain=controls is not None)
-    h = torch.zeros(num_bins, g.shape[0], dtype=torch.float64, device=g.device)
     if controls is None:
-        return g, h
-    for j, b in enumerate(present):
-        mask = (idx == b).to(controls)
-        h[b] = _flat_grad((w * mask * controls).sum(), params, retain=j < len(present) - 1)
+        return g, g.new_zeros(num_bins, g.shape[0])
+    idx = torch.zeros(m, dtype=torch.long, device=dev) if bin_index is None else bin_index.long()
+    onehot = idx[None, :] == torch.arange(num_bins, device=dev)[:, None]  # [nb, m], no sync
+    h, _ = flat_grad_rows(controls, params, onehot.to(controls.dtype) * w.to(controls.dtype),
+                          dtype=torch.float64)  # fmt: skip
     return g, h

@@ -3,12 +3,9 @@ r"""Delete-one-block jackknife standard errors of streamed gradient variances an
 For fixed coefficients β (fitted beforehand on other draws), each evaluation unit ``u``
 gives a controlled gradient :math:`d_u = g_u - \sum_b \beta_b \odot h_{u,b}` (``β = None``:
 the plain :math:`d_u = g_u`). Units are split into ``J`` contiguous blocks; per block and
-column we keep :math:`\sum_u d_u` ``[P]`` and :math:`\sum_u \lVert d_u\rVert^2` (a scalar), so
-
-.. math::  \operatorname{tr}\operatorname{Cov}(d) =
-           \frac{\sum_u \lVert d_u\rVert^2 - \lVert \sum_u d_u\rVert^2 / n}{n - 1}
-
-is available on all units and with any one block deleted (total minus block). The
+column we keep the centred moments of :math:`d_u` (its mean ``[P]`` and the trace of its
+covariance, :mod:`varred.moments`), so :math:`\operatorname{tr}\operatorname{Cov}(d)` is
+available on all units and with any one block deleted (a merge of the other blocks). The
 jackknife standard error of a statistic :math:`T` of these variances is
 :math:`\sqrt{\tfrac{J-1}{J} \sum_j (T_{-j} - \bar T)^2}` (Efron & Stein, 1981;
 Künsch, 1989 for blocks; Shao & Tu, 1995). Memory is ``columns × (J + 1 + nb) × P``
@@ -24,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from varred.errors import VarRedError
+from varred.moments import Moments, batch_moments, covariance, empty_moments, merge
 
 __all__ = ["BlockSums", "jackknife_stderr", "resolve_num_blocks"]
 
@@ -67,13 +65,22 @@ def jackknife_stderr(leave_out: Tensor) -> float:
     return math.sqrt((j - 1) / j * float(((t - t.mean()) ** 2).sum()))
 
 
+_PAIRS = {"var": ("d", "d", "cp,cp->c")}  # tr Cov(d) per column: [C]
+
+
+def _to(m: Moments, device: torch.device) -> Moments:
+    return Moments(m.weight.to(device), {k: v.to(device) for k, v in m.mean.items()},
+                   {k: v.to(device) for k, v in m.cov.items()})  # fmt: skip
+
+
 class BlockSums:
-    """Per-block sums of controlled unit gradients for fixed coefficients (one column each).
+    """Per-block centred moments of controlled unit gradients for fixed coefficients.
 
     Unit ``u`` (counted from 0 over all :meth:`update` calls) goes to block
-    ``⌊u·J / num_units⌋``: contiguous blocks whose sizes differ by at most one. Each
-    column's values are shifted by its first unit's value ``c`` (variance-invariant), so
-    the one-pass formula does not cancel catastrophically when the mean dominates.
+    ``⌊u·J / num_units⌋``: contiguous blocks whose sizes differ by at most one. Each block
+    holds one :class:`varred.moments.Moments` (per column the mean ``[P]`` and the trace of
+    the centred covariance), so totals and delete-one-block values are exact Chan merges,
+    without cancellation when the mean dominates.
 
     Args:
         betas: one entry per column: ``[nb, P]`` coefficients or ``None`` (plain ``g``).
@@ -106,37 +113,39 @@ class BlockSums:
         self.num_blocks = j
         c, p = len(betas), int(num_params)
         nb = max([b.shape[0] for b in betas if b is not None], default=1)
-        self._beta = torch.zeros(c, nb, p, dtype=torch.float64)  # plain columns: β = 0
+        dev = next((b.device for b in betas if b is not None), None)
+        self._beta = torch.zeros(c, nb, p, dtype=torch.float64, device=dev)  # plain: β = 0
         for col, b in enumerate(betas):
             if b is not None:
-                self._beta[col] = b.detach().double().cpu()
+                self._beta[col] = b.detach().double().to(self._beta.device)
         self.n = 0
-        self.counts = torch.zeros(j, dtype=torch.float64)
-        self.shift = torch.zeros(c, p, dtype=torch.float64)
-        self.s = torch.zeros(c, j, p, dtype=torch.float64)  # Σ (d_u − c) per block
-        self.q = torch.zeros(c, j, dtype=torch.float64)  # Σ ‖d_u − c‖² per block
+        self.blocks = [empty_moments({"d": (c, p)}, _PAIRS, dtype=torch.float64) for _ in range(j)]
 
     def update(self, g: Tensor, h: Tensor | None = None) -> None:
         """Add units: ``g [U, P]``, ``h [U, nb, P]`` (``None``: no control); kept on the CPU."""
-        g = g.detach().double().cpu()
+        g = g.detach().double()
         u = g.shape[0]
         if self.n + u > self.num_units:
             raise VarRedError(
                 f"g: expected at most {self.num_units - self.n} more units "
                 f"(num_units = {self.num_units}), got {u}"
             )
-        block = torch.arange(self.n, self.n + u) * self.num_blocks // self.num_units  # [U]
+        if self.n == 0:  # the statistics live on the gradients' device
+            self._beta = self._beta.to(g.device)
+            self.blocks = [_to(m, g.device) for m in self.blocks]
         if h is None:  # no control: every column is the plain g
-            d = g[None].expand(self._beta.shape[0], u, g.shape[1])
+            d = g[:, None].expand(u, self._beta.shape[0], g.shape[1])
         else:
-            # [C, nb, P] × [U, nb, P] -> [C, U, P]: d = g − Σ_b β_b ⊙ h_b (β = 0: plain)
-            d = g[None] - (self._beta[:, None] * h.detach().double().cpu()[None]).sum(2)
-        if self.n == 0:
-            self.shift = d[:, 0].clone()
-        dc = d - self.shift[:, None]  # [C, U, P]
-        self.s.index_add_(1, block, dc)
-        self.q.index_add_(1, block, (dc * dc).sum(2))
-        self.counts.index_add_(0, block, torch.ones(u, dtype=torch.float64))
+            # [U, 1, nb, P] × [C, nb, P] -> [U, C, P]: d = g − Σ_b β_b ⊙ h_b (β = 0: plain)
+            d = g[:, None] - (self._beta[None] * h.detach().to(g)[:, None]).sum(2)
+        j, n = self.num_blocks, self.num_units
+        lo = 0
+        while lo < u:  # the units of one block are contiguous: slice them (no host sync)
+            b = (self.n + lo) * j // n
+            hi = min(u, -(-(b + 1) * n // j) - self.n)  # first unit of block b + 1
+            part = batch_moments({"d": d[lo:hi]}, _PAIRS)
+            self.blocks[b] = merge(self.blocks[b], part, _PAIRS)
+            lo = hi
         self.n += u
 
     def _check(self) -> None:
@@ -146,19 +155,31 @@ class BlockSums:
             )
 
     def variances(self) -> Tensor:
-        """``tr Cov(d)`` of each column over all units: ``[columns]``."""
+        """``tr Cov(d)`` of each column over all units (unbiased): ``[columns]``."""
         self._check()
-        n = float(self.n)
-        tot = self.s.sum(1)  # [C, P]
-        return (self.q.sum(1) - (tot * tot).sum(1) / n) / (n - 1)
+        total = self.blocks[0]
+        for m in self.blocks[1:]:
+            total = merge(total, m, _PAIRS)
+        return covariance(total, "var", unbiased=True)
 
     def leave_one_out(self) -> Tensor:
-        """``tr Cov(d)`` of each column with block ``j`` deleted: ``[columns, J]``."""
+        """``tr Cov(d)`` of each column with block ``j`` deleted: ``[columns, J]``.
+
+        Prefix and suffix merges: ``O(J)`` merges in all, no subtraction of sums.
+        """
         self._check()
-        n = self.n - self.counts  # [J]
-        out = torch.empty_like(self.q)
-        for col in range(self.q.shape[0]):
-            rest = self.s[col].sum(0) - self.s[col]  # [J, P]
-            ss = (rest * rest).sum(1)  # [J]
-            out[col] = (self.q[col].sum() - self.q[col] - ss / n) / (n - 1)
-        return out
+        j = self.num_blocks
+        left, right = [self.blocks[0]] * j, [self.blocks[-1]] * j
+        for k in range(1, j):
+            left[k] = merge(left[k - 1], self.blocks[k], _PAIRS)  # blocks 0..k
+            right[j - 1 - k] = merge(self.blocks[j - 1 - k], right[j - k], _PAIRS)  # k..J-1
+        out = []
+        for k in range(j):
+            if k == 0:
+                rest = right[1]
+            elif k == j - 1:
+                rest = left[j - 2]
+            else:
+                rest = merge(left[k - 1], right[k + 1], _PAIRS)
+            out.append(covariance(rest, "var", unbiased=True))
+        return torch.stack(out, 1)
