@@ -38,8 +38,10 @@ def per_sample(
 
     A Python number becomes ``torch.full`` on the device (no host-to-device copy), a 0-d
     tensor is expanded, a ``[n]`` tensor is cast; ``None`` takes ``default`` (an error when
-    there is none). The one place the σ/α conventions broadcast, as ``append_dims`` is the
-    one place they meet the data's shape.
+    there is none). ``losses``, ``taylor_cv``, ``training`` and ``toy`` broadcast their per-sample
+    σ/α/λ with it; turning ``[B]`` into ``[B, 1, ..., 1]`` against the data is ``append_dims``
+    here (adapters, losses) and a private copy, ``taylor_cv._bcast`` (the Taylor CVs and
+    ``ControlledDSM``): not yet one place (issue 15, item 2).
 
     Raises:
         VarRedError: ``None`` without a default, a non-numeric value, or a shape other than
