@@ -18,6 +18,7 @@ import torch
 import varred
 import varred_diffusion as vd
 from varred import GradientControl, OptimalCoefficient, TaylorCV
+from varred_diffusion.adapters import DiffusersAdapter
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device(os.environ.get("VARRED_TEST_DEVICE", "cuda"))
@@ -289,8 +290,10 @@ def test_adapters_schedules_models(dgen):
     _on_dev(ve.t_to_sigma(torch.rand(4, generator=dgen, device=DEV)))
     _on_dev(vd.EpsFromScore(net)(x, sigma))
     vp = vd.VPSchedule(kind="linear", num_steps=100, discrete=True)
-    unet = vd.DiffusersEpsAdapter(lambda y, t: y * t[:, None] * 0.0 + y, vp.alphas_cumprod)
+    unet = DiffusersAdapter(lambda y, t: y * t[:, None] * 0.0 + y, vp.alphas_cumprod)
     _on_dev(unet(x, sigma))
+    grid = unet.sigma(torch.arange(4, device=DEV))
+    _on_dev(grid, unet.alpha(grid), unet.timestep(grid), unet.mse_weighting(3)(grid))
     _on_dev(vd.append_dims(sigma, 3))
 
 

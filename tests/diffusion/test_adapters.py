@@ -8,6 +8,7 @@ from torch import nn
 
 from varred.errors import VarRedError
 from varred_diffusion.adapters import (
+    DiffusersAdapter,
     DiffusersEpsAdapter,
     EpsFromScore,
     ScoreFromEps,
@@ -123,7 +124,7 @@ def test_errors(generator: torch.Generator) -> None:
     with pytest.raises(VarRedError, match="sigma"):
         ScoreFromEps(lambda x, t: x)(torch.zeros(3, 2), torch.ones(2))
     with pytest.raises(VarRedError, match="prediction_type"):
-        DiffusersEpsAdapter(nn.Identity(), torch.linspace(0.99, 0.01, 10), prediction_type="x")
+        DiffusersAdapter(nn.Identity(), torch.linspace(0.99, 0.01, 10), prediction_type="x")
 
 
 class _FakeUNet(nn.Module):
@@ -138,7 +139,7 @@ def test_diffusers_adapter_timestep_interpolation() -> None:
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     ac = torch.cumprod(1 - betas, 0)
     unet = _FakeUNet()
-    ad = DiffusersEpsAdapter(unet, ac)
+    ad = DiffusersAdapter(unet, ac)
     idx = torch.tensor([0, 10, 500, 999])
     sigma = torch.sqrt(1 - ac[idx])
     s = ad(torch.zeros(4, 1, 4, 4, dtype=torch.float64), sigma)
@@ -170,10 +171,17 @@ def test_diffusers_unet_if_installed(generator: torch.Generator) -> None:
         torch.manual_seed(0)
         unet = _tiny_unet(diffusers)
     sched = diffusers.DDPMScheduler(num_train_timesteps=1000)
-    ad = DiffusersEpsAdapter(unet, sched.alphas_cumprod)
+    ad = DiffusersAdapter(unet, sched.alphas_cumprod)
     x = torch.randn(2, 1, 8, 8, generator=generator, dtype=torch.float64)
     sigma = torch.sqrt(1 - sched.alphas_cumprod[[100, 700]].double())
     with torch.no_grad():
         s = ad(x, sigma)
         eps = unet(x, torch.tensor([100.0, 700.0], dtype=torch.float64)).sample
     assert torch.allclose(s, -eps / sigma[:, None, None, None], rtol=1e-6, atol=1e-6)
+
+
+def test_deprecated_alias() -> None:
+    ac = torch.linspace(0.99, 0.01, 10)
+    with pytest.warns(DeprecationWarning, match="DiffusersAdapter"):
+        old = DiffusersEpsAdapter(nn.Identity(), ac, prediction_type="v_prediction")
+    assert isinstance(old, DiffusersAdapter) and old.prediction_type == "v_prediction"
