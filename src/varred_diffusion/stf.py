@@ -80,7 +80,9 @@ def _prepare(
     if own is not None:
         check_floating("own", own)
         if own.shape != xt.shape:
-            raise VarRedError(f"own: expected the shape of xt {shape_str(xt)}, got {shape_str(own)}")
+            raise VarRedError(
+                f"own: expected the shape of xt {shape_str(xt)}, got {shape_str(own)}"
+            )
     if (labels is None) != (reference_labels is None):
         raise VarRedError(
             "labels: expected labels and reference_labels both given or both None, got "
@@ -306,13 +308,17 @@ class StableTarget:
         check_floating("x", x)
         check_floating("noise", noise)
         if noise.shape != x.shape:
-            raise VarRedError(f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}")
+            raise VarRedError(
+                f"noise: expected the shape of x {shape_str(x)}, got {shape_str(noise)}"
+            )
         with torch.no_grad():
             x = x.detach()
             if xt is None:
                 xt = perturb(x, sigma, noise, alpha)
             elif xt.shape != x.shape:
-                raise VarRedError(f"xt: expected the shape of x {shape_str(x)}, got {shape_str(xt)}")
+                raise VarRedError(
+                    f"xt: expected the shape of x {shape_str(x)}, got {shape_str(xt)}"
+                )
             refs, ref_labels = self._references(x, labels)
             x0 = stf_target(
                 xt.detach(),

@@ -53,7 +53,9 @@ class FreshReference:
         generator: torch.Generator | None = None,
     ) -> None:
         if not callable(draw):
-            raise VarRedError(f"draw: expected a callable draw(n, generator), got {type(draw).__name__}")
+            raise VarRedError(
+                f"draw: expected a callable draw(n, generator), got {type(draw).__name__}"
+            )
         self.draw = draw
         self.size = _positive_int("size", size)
         self.generator = generator
@@ -69,7 +71,9 @@ class FreshReference:
                 f"(size, data shape), got {shape_str(ref)}"
             )
         if ref_labels is not None and ref_labels.shape != (self.size,):
-            raise VarRedError(f"draw: expected labels of shape [{self.size}], got {shape_str(ref_labels)}")
+            raise VarRedError(
+                f"draw: expected labels of shape [{self.size}], got {shape_str(ref_labels)}"
+            )
         return ref, ref_labels
 
     def update(self, x: Tensor, labels: Tensor | None) -> None:
@@ -97,7 +101,9 @@ class MemoryBank:
 
     def __init__(self, size: int, *, num_classes: int | None = None) -> None:
         self.size = _positive_int("size", size)
-        self.num_classes = None if num_classes is None else _positive_int("num_classes", num_classes)
+        self.num_classes = (
+            None if num_classes is None else _positive_int("num_classes", num_classes)
+        )
         rings = 1 if self.num_classes is None else self.num_classes
         self._buffer: Tensor | None = None  # [rings, size, ...]
         self._count = [0] * rings  # entries stored per ring
@@ -146,7 +152,11 @@ class MemoryBank:
         """``(stored points [n, ...], their labels [n] or None)``; ``n = 0`` before any update."""
         if self._buffer is None or len(self) == 0:
             empty = x[:0].detach()
-            lab = None if self.num_classes is None else torch.zeros(0, dtype=torch.long, device=x.device)
+            lab = (
+                None
+                if self.num_classes is None
+                else torch.zeros(0, dtype=torch.long, device=x.device)
+            )
             return empty, lab
         parts, labs = [], []
         for ring, count in enumerate(self._count):

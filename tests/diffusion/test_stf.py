@@ -53,7 +53,9 @@ def test_whole_image_set_equals_brute_force():
         x.shape, generator=g, dtype=torch.float64
     )
     got = stf_target(xt, sigma, data, alpha=alpha, chunk=7)
-    torch.testing.assert_close(got, brute_posterior_mean(xt, sigma, data, alpha), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        got, brute_posterior_mean(xt, sigma, data, alpha), atol=1e-12, rtol=0
+    )
     w = stf_weights(xt, sigma, data, alpha=alpha)
     torch.testing.assert_close(w.sum(1), torch.ones(16, dtype=torch.float64))
     torch.testing.assert_close(got.flatten(1), w @ data.flatten(1), atol=1e-12, rtol=0)
@@ -107,7 +109,9 @@ def test_chunked_equals_unchunked():
     xt = data[:8] + 0.5 * torch.randn(8, 3, 4, 4, generator=g)
     full = stf_target(xt, 0.5, data, chunk=10_000)
     for chunk in (1, 7, 64, 299):
-        torch.testing.assert_close(stf_target(xt, 0.5, data, chunk=chunk), full, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            stf_target(xt, 0.5, data, chunk=chunk), full, atol=1e-6, rtol=1e-6
+        )
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -160,8 +164,13 @@ def test_bad_input():
     with pytest.raises(VarRedError, match="own"):
         stf_target(xt, 1.0, torch.randn(5, 3), own=torch.randn(3, 3))
     with pytest.raises(VarRedError, match="reference_labels"):
-        stf_target(xt, 1.0, torch.randn(5, 3), labels=torch.zeros(4, dtype=torch.long),
-                   reference_labels=torch.ones(5, dtype=torch.long))
+        stf_target(
+            xt,
+            1.0,
+            torch.randn(5, 3),
+            labels=torch.zeros(4, dtype=torch.long),
+            reference_labels=torch.ones(5, dtype=torch.long),
+        )
     with pytest.raises(VarRedError, match="size"):
         MemoryBank(0)
     with pytest.raises(VarRedError, match="draw"):

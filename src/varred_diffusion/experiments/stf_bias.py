@@ -40,7 +40,15 @@ from varred_diffusion.stf import stf_target, stf_weights
 
 __all__ = ["BINS", "SIZES", "main", "markdown_table", "stf_bias"]
 
-BINS: tuple[tuple[float, float], ...] = ((0.05, 0.2), (0.2, 0.5), (0.5, 1.0), (1.0, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 80.0))
+BINS: tuple[tuple[float, float], ...] = (
+    (0.05, 0.2),
+    (0.2, 0.5),
+    (0.5, 1.0),
+    (1.0, 2.0),
+    (2.0, 5.0),
+    (5.0, 20.0),
+    (20.0, 80.0),
+)
 SIZES: tuple[int, ...] = (64, 256, 1024, 4096)
 
 
