@@ -248,3 +248,14 @@ def test_bias_with_own_point_zero_and_without_shrinks():
             if not own and r == 2:
                 assert bool((z.abs() > 5).any()), z  # the SNIS bias is visible
     assert biases[32, False] < 0.1 * biases[2, False]
+
+
+def test_bias_experiment_smoke():
+    from varred_diffusion.experiments.stf_bias import markdown_table, stf_bias
+
+    g = torch.Generator().manual_seed(11)
+    data = torch.rand(200, 1, 4, 4, generator=g) * 2 - 1
+    rows = stf_bias(data, g, queries=16, reps=3, sizes=(4, 32), bins=((0.3, 1.0),))
+    assert len(rows) == 4 and {r["estimator"] for r in rows} == {"stf", "no_own"}
+    assert all(r["var"] >= 0 and r["dsm_var"] > 0 for r in rows)
+    assert markdown_table(rows).count("\n") == 3  # header, rule, two R rows
