@@ -145,7 +145,7 @@ def stf_target(
     other ``R`` references are i.i.d. from the same distribution as the sample, then
     ``E[x̂₀ | x_t] = E[x₀ | x_t]`` exactly for every R (conditional importance sampling:
     one point from the posterior, R from the prior; the paper states only that the bias
-    vanishes as R → ∞). That exactness fails, leaving a (small, unmeasured) bias,
+    vanishes as R → ∞). That exactness fails, leaving a bias (not measured here)
     when the references are correlated with the sample: drawn without replacement from
     a finite set of N (a memory bank of the current epoch never holds the sample itself),
     stale duplicates, or another class. ``docs/techniques-stf.md`` measures both cases on
