@@ -17,19 +17,27 @@ from varred.gaussian import isserlis_pairings as isserlis_pairings
 from varred.gradient import GradientControl as GradientControl
 from varred.gradient import GradientControlConfig as GradientControlConfig
 from varred.layout import CoefficientLayout as CoefficientLayout
+from varred.moments import Moments as Moments
 from varred.score_function import loo_baseline as loo_baseline
 from varred.score_function import score_function_surrogate as score_function_surrogate
 from varred.taylor import TaylorCV as TaylorCV
 from varred.taylor import iterated_laplacian as iterated_laplacian
 from varred.taylor import taylor_terms as taylor_terms
+from varred.vocabulary import BetaLayout as BetaLayout
+from varred.vocabulary import Fit as Fit
+from varred.vocabulary import MeanMethod as MeanMethod
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = [
+    "BetaLayout",
     "CoefficientLayout",
     "ControlVariate",
     "Estimate",
+    "Fit",
     "GradientControl",
     "GradientControlConfig",
+    "MeanMethod",
+    "Moments",
     "OptimalCoefficient",
     "RunningMoments",
     "TaylorCV",

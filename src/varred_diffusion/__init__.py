@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from varred_diffusion.adapters import DiffusersAdapter as DiffusersAdapter
 from varred_diffusion.adapters import DiffusersEpsAdapter as DiffusersEpsAdapter
 from varred_diffusion.adapters import EpsFromScore as EpsFromScore
 from varred_diffusion.adapters import ScoreFromEps as ScoreFromEps
@@ -10,6 +11,8 @@ from varred_diffusion.adapters import ScoreFromX0 as ScoreFromX0
 from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler as AdaptiveSigmaSampler
 from varred_diffusion.auto import AutoStep as AutoStep
 from varred_diffusion.batch import Batch as Batch
+from varred_diffusion.bins import LogSNRBins as LogSNRBins
+from varred_diffusion.bins import QuantileBins as QuantileBins
 from varred_diffusion.bins import SigmaBins as SigmaBins
 from varred_diffusion.controls import AntitheticPairs as AntitheticPairs
 from varred_diffusion.controls import TaylorControl as TaylorControl
@@ -48,6 +51,11 @@ from varred_diffusion.sampling import stratified_uniform as stratified_uniform
 from varred_diffusion.schedules import VESchedule as VESchedule
 from varred_diffusion.schedules import VPSchedule as VPSchedule
 from varred_diffusion.schedules import append_dims as append_dims
+from varred_diffusion.stf import StableTarget as StableTarget
+from varred_diffusion.stf import stf_target as stf_target
+from varred_diffusion.stf import stf_weights as stf_weights
+from varred_diffusion.stf_reference import FreshReference as FreshReference
+from varred_diffusion.stf_reference import MemoryBank as MemoryBank
 from varred_diffusion.taylor_cv import dsm_taylor_cv as dsm_taylor_cv
 from varred_diffusion.toy import GaussianMixture as GaussianMixture
 from varred_diffusion.toy import ScoreError as ScoreError
@@ -60,27 +68,32 @@ from varred_diffusion.weightings import EDMWeighting as EDMWeighting
 from varred_diffusion.weightings import LearnedUncertainty as LearnedUncertainty
 from varred_diffusion.weightings import MinSNRWeighting as MinSNRWeighting
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 __all__ = [
     "AdaptiveSigmaSampler",
     "AntitheticPairs",
     "AutoStep",
     "Batch",
     "ControlledDSM",
+    "DiffusersAdapter",
     "DiffusersEpsAdapter",
     "EDMLogNormal",
     "EDMWeighting",
     "EpsFromScore",
+    "FreshReference",
     "GaussianMixture",
     "ImportanceSigmaSampler",
     "LaplaceLogSNR",
     "LearnedUncertainty",
+    "LogSNRBins",
     "LogUniform",
     "LogUniformSigma",
     "LogitNormal",
     "MLPScore",
+    "MemoryBank",
     "MinSNRWeighting",
     "NoiseLevelSampler",
+    "QuantileBins",
     "Recipe",
     "RectifiedFlowSchedule",
     "ScoreError",
@@ -90,6 +103,7 @@ __all__ = [
     "ScoreFromX0",
     "SigmaBins",
     "SmallUNet",
+    "StableTarget",
     "StratifiedSigma",
     "Target",
     "TaylorControl",
@@ -117,6 +131,8 @@ __all__ = [
     "perturb",
     "ring8",
     "score_error",
+    "stf_target",
+    "stf_weights",
     "stratified_uniform",
     "variance_ratio_by_sigma",
 ]
