@@ -81,7 +81,9 @@ class GaussianFamily:
         elif scale.shape == (d,):
             diag, off = scale, None
         else:
-            raise VarRedError(f"scale: expected a float, [{d}] or [{d}, {d}], got {shape_str(scale)}")
+            raise VarRedError(
+                f"scale: expected a float, [{d}] or [{d}, {d}], got {shape_str(scale)}"
+            )
         if bool((diag <= 0).any()):
             raise VarRedError(
                 f"scale: expected positive scales (diagonal), got min {float(diag.min()):.3g}"
