@@ -163,8 +163,9 @@ def test_stl_is_zero_variance_at_the_exact_posterior(kind, transform, generator)
     for f in stl_grads(q, log_p, eps):
         assert float(f.abs().max()) < 1e-10  # the gradient at the optimum is exactly 0
     gm, gs = elbo_grads(q, log_p, eps)
-    cm, cs = score_control(q, eps)
     assert float(gs.var(0).sum()) > 1e-3  # the full gradient is noisy there
+    cm, cs = score_control(q, eps)  # ... and all of its noise is the score term
+    torch.testing.assert_close((gm - cm, gs - cs), stl_grads(q, log_p, eps))
 
 
 def test_training_loop_reaches_the_gaussian_posterior(generator):
