@@ -171,13 +171,13 @@ def taylor_controls(
     mu = family.loc.detach()
     n = eps.shape[0]
     _checked(log_p, mu.unsqueeze(0))
-    gfn = _gradfn(log_p)
-    v = family.apply_scale(eps)  # [n, d] = S ε
-    terms = _taylor(gfn, mu.expand(n, -1).clone(), v, order)  # g0, H v (, D³[v, v, ·])
+    basis, dirs, w = _directions(family, expectation, probes, generator)  # [m, d]
+    v = torch.cat([family.apply_scale(eps), dirs])  # [n + m, d]: S ε rows, then S u rows
+    # one (nested) jvp for the samples and the mean directions together
+    allt = _taylor(_gradfn(log_p), mu.expand(v.shape[0], -1).clone(), v, order)
+    terms, dterms = [t[:n] for t in allt], [t[n:] for t in allt]
     tg = terms[1] + (0.5 * terms[2] if order == 2 else 0.0)  # T G − g0
     g0 = terms[0]
-    basis, dirs, w = _directions(family, expectation, probes, generator)  # [m, d]
-    dterms = _taylor(gfn, mu.expand(dirs.shape[0], -1).clone(), dirs, order)
     mean_m = 0.5 * w * dterms[2].sum(0) if order == 2 else torch.zeros_like(mu)
     c_mean = tg - mean_m
     # scale block: E[(g0 + H S ε) εᵀ] = H S; rows of dirs are S u, so H S ≈ w Σ (H S u) uᵀ
