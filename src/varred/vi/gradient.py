@@ -193,11 +193,12 @@ def _taylor(
 ) -> list[torch.Tensor]:
     """``[G(x0), D G(x0)[v]]`` (order 1) or also ``D² G(x0)[v, v]`` (order 2), nested jvps."""
     if order == 1:
-        g0, hv = jvp(gfn, (x0,), (v,))
+        g0, hv = jvp(gfn, (x0,), (v,))[:2]
         return [g0.detach(), hv.detach()]
 
     def inner(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return jvp(gfn, (x,), (v,))
+        out = jvp(gfn, (x,), (v,))
+        return out[0], out[1]
 
-    (g0, hv), (_, t3) = jvp(inner, (x0,), (v,))
-    return [g0.detach(), hv.detach(), t3.detach()]
+    prim, tang = jvp(inner, (x0,), (v,))[:2]
+    return [prim[0].detach(), prim[1].detach(), tang[1].detach()]
