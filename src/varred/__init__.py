@@ -1,4 +1,8 @@
-"""varred: control variates for Monte Carlo estimates and stochastic gradients."""
+"""varred: control variates for Monte Carlo estimates and stochastic gradients.
+
+Variational inference (reparameterisation gradients with Taylor controls, STL) lives in
+:mod:`varred.vi`.
+"""
 
 from __future__ import annotations
 
