@@ -158,9 +158,11 @@ class AntitheticPairs:
 
     def noise(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """Paired noise ``[ε; −ε]`` like ``x``."""
-        return antithetic_noise(
-            x.shape[0], tuple(x.shape[1:]), generator, dtype=x.dtype, device=x.device
+        where = x.device if generator is None else generator.device
+        noise = antithetic_noise(
+            x.shape[0], tuple(x.shape[1:]), generator, dtype=x.dtype, device=where
         )
+        return noise.to(x.device)  # drawn where the generator lives, then moved
 
     def values(
         self,

@@ -25,7 +25,7 @@ __all__ = ["ControlledDSM"]
 
 Alpha = Callable[[Tensor], Tensor] | Tensor | float | None
 
-_LAYOUT_KEYS = ("granularity", "num_groups", "shrinkage", "layout", "coefficient", "decay")
+_LAYOUT_KEYS = ("granularity", "layout", "coefficient", "decay")  # shrinkage and num_groups pass
 
 
 class ControlledDSM:

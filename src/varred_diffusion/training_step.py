@@ -178,8 +178,10 @@ class TrainingStep:
             noise = (
                 draw(x, generator)
                 if draw
-                else torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            )
+                else torch.randn(
+                    x.shape, generator=generator, dtype=x.dtype, device=generator.device
+                )
+            ).to(x.device)  # drawn where the generator lives (CPU or CUDA), then moved
         check_floating("noise", noise)
         if noise.shape != x.shape:
             raise VarRedError(

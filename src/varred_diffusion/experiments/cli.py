@@ -30,6 +30,8 @@ from varred_diffusion.experiments.common import Context
 __all__ = ["build_parser", "main"]
 
 SUBCOMMANDS = ("toy", "grid", "optimizers", "mnist", "leaderboard")
+#: Not part of ``all``: ``train`` is the long time-to-quality comparison.
+EXTRA_SUBCOMMANDS = ("train",)
 
 
 def _runner(name: str) -> Callable[[Context], Any]:
@@ -53,7 +55,13 @@ def _runner(name: str) -> Callable[[Context], Any]:
         from varred_diffusion.experiments.leaderboard import run_leaderboard
 
         return run_leaderboard
-    raise VarRedError(f"subcommand: expected one of {SUBCOMMANDS}, got {name!r}")
+    if name == "train":
+        from varred_diffusion.experiments.train import run_train
+
+        return run_train
+    raise VarRedError(
+        f"subcommand: expected one of {SUBCOMMANDS + EXTRA_SUBCOMMANDS}, got {name!r}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,12 +100,47 @@ def build_parser() -> argparse.ArgumentParser:
         "mnist": "figure 3: SmallUNet on MNIST, variance ratio, loss, samples",
         "leaderboard": "every technique: variance ratio, step time, efficiency (toy and MNIST)",
         "all": "run every experiment above in turn",
+        "train": "time to quality: recipes trained side by side (Fashion-MNIST or MNIST)",
     }
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common], help=text, description=text)
         if name in ("toy", "optimizers", "grid", "leaderboard", "all"):
             p.add_argument("--dataset", default="ring8", choices=("ring8", "asymmetric"),
                            help="2-D data (default ring8)")  # fmt: skip
+        if name == "train":
+            p.add_argument(
+                "--dataset",
+                default="fashion-mnist",
+                choices=("fashion-mnist", "mnist"),
+                help="image data (default fashion-mnist, full 60k/10k split)",
+            )
+            p.add_argument(
+                "--budget",
+                type=float,
+                default=None,
+                help="training wall-clock seconds per recipe and seed (default 1200)",
+            )
+            p.add_argument(
+                "--images",
+                type=int,
+                default=None,
+                help="images seen per recipe and seed in the equal-images runs",
+            )
+            p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
+            p.add_argument(
+                "--fd-count",
+                type=int,
+                default=None,
+                help="generated images for the Fréchet distance (default 2000; 0: off)",
+            )
+            p.add_argument(
+                "--set",
+                default=None,
+                metavar="K=V,...",
+                help="other TrainSettings fields, e.g. eval_every=40,val_size=256",
+            )
+            p.add_argument("--recipes", default=None,
+                           help="comma-separated recipe names to keep besides plain (default all)")  # fmt: skip
     return parser
 
 
@@ -112,8 +155,27 @@ def _context(args: argparse.Namespace, name: str, out: Path | None) -> Context:
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
         data_dir=args.data_dir,
-        extra={"dataset": getattr(args, "dataset", "ring8")},
+        extra=_extra(args, name),
     )
+
+
+def _extra(args: argparse.Namespace, name: str) -> dict:
+    """Subcommand-specific options for ``Context.extra``."""
+    if name != "train":
+        return {"dataset": getattr(args, "dataset", "ring8")}
+    names = {"budget": "budget_s", "images": "images", "seeds": "seeds", "fd_count": "fd_count"}
+    settings = {k: getattr(args, a) for a, k in names.items() if getattr(args, a, None) is not None}
+    for item in (args.set or "").split(","):
+        if item.strip():
+            key, _, value = item.partition("=")
+            try:
+                settings[key.strip()] = float(value) if "." in value else int(value)
+            except ValueError as exc:
+                raise VarRedError(f"--set: expected K=V with a number V, got {item!r}") from exc
+    extra: dict = {"dataset_name": args.dataset, "train_settings": settings}
+    if args.recipes:
+        extra["recipes"] = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    return extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:

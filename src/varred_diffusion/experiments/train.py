@@ -27,8 +27,10 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 
+import varred_diffusion as vd
 from varred.errors import VarRedError
-from varred_diffusion.experiments.common import Context, optimizer_step
+from varred.layout import CoefficientLayout
+from varred_diffusion.experiments.common import Context
 from varred_diffusion.experiments.datasets import load_dataset
 from varred_diffusion.experiments.io import (
     plus_minus,
@@ -42,8 +44,9 @@ from varred_diffusion.experiments.validation import ValidationSet, validation_lo
 __all__ = [
     "Recipe",
     "TrainSettings",
-    "controlled_recipe",
-    "plain_recipe",
+    "auto_trainer",
+    "default_recipes",
+    "recipe_trainer",
     "run_train",
     "train_recipes",
 ]
@@ -71,6 +74,8 @@ class TrainSettings:
     fd_count: int = 2000
     heun_steps: int = 18
     limit: int | None = None
+    num_bins: int = 4
+    stf_reference: int = 256
 
 
 def _settings(ctx: Context) -> TrainSettings:
@@ -78,47 +83,80 @@ def _settings(ctx: Context) -> TrainSettings:
     if ctx.quick:
         s = replace(s, base=8, batch=4, seeds=2, budget_s=0.3, images=48, eval_every=4,
                     val_size=16, val_sigmas=4, fd_count=0, heun_steps=2, limit=256)  # fmt: skip
-    return replace(s, **dict(ctx.extra.get("train_settings", {})))
+    given = dict(ctx.extra.get("train_settings", {}))
+    unknown = sorted(set(given) - set(asdict(s)))
+    if unknown:
+        raise VarRedError(f"train settings: unknown {unknown}; expected fields of TrainSettings")
+    return replace(s, **given)
 
 
-def _sigma(n: int, g: torch.Generator, s: TrainSettings) -> Tensor:
-    from varred_diffusion.sampling import log_uniform_sigma
-
-    return log_uniform_sigma(torch.rand(n, generator=g), s.sigma_min, s.sigma_max)
-
-
-def plain_recipe(s: TrainSettings, device: str = "cpu") -> Recipe:
-    """Plain DSM (λ = σ²) with Adam."""
+def recipe_trainer(recipe: vd.Recipe, s: TrainSettings) -> Recipe:
+    """A ``vd.Recipe`` trained with Adam: its step draws σ (sampler) and ε from ``g``."""
 
     def make_step(model: nn.Module) -> Step:
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+        step = recipe.build(model, model.parameters(), validate=False)
 
-        def step(x: Tensor, g: torch.Generator) -> dict[str, float]:
-            sig, e = _sigma(x.shape[0], g, s), torch.randn(x.shape, generator=g)
-            return optimizer_step(opt, None, model, x, sig.to(device), e.to(device))
+        def run(x: Tensor, g: torch.Generator) -> dict[str, float]:
+            opt.zero_grad(set_to_none=True)
+            diag = step(x, generator=g)
+            opt.step()
+            return {"loss": float(diag["loss"])}
 
-        return step
+        return run
 
     return make_step
 
 
-def controlled_recipe(s: TrainSettings, device: str = "cpu", *, num_bins: int = 4) -> Recipe:
-    """DSM with the C^0 gradient control (``ControlledDSM``, per-element β per log-σ bin)."""
-    from varred_diffusion.bins import SigmaBins
-    from varred_diffusion.training import ControlledDSM
+def auto_trainer(s: TrainSettings) -> Recipe:
+    """``vd.AutoStep`` (C^0 only in the σ bins where it pays; σ sampler by measured spread)."""
 
     def make_step(model: nn.Module) -> Step:
         opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-        helper = ControlledDSM(model, model.parameters(), order=0,
-                               bins=SigmaBins(s.sigma_min, s.sigma_max, num_bins))  # fmt: skip
+        bins = vd.SigmaBins(s.sigma_min, s.sigma_max, s.num_bins)
+        probe = max(4, min(40, s.eval_every))
+        auto = vd.AutoStep(model, model.parameters(), bins=bins, probe_steps=probe,
+                           recheck_every=max(probe, 25 * probe))  # fmt: skip
 
-        def step(x: Tensor, g: torch.Generator) -> dict[str, float]:
-            sig, e = _sigma(x.shape[0], g, s), torch.randn(x.shape, generator=g)
-            return optimizer_step(opt, helper, model, x, sig.to(device), e.to(device))
+        def run(x: Tensor, g: torch.Generator) -> dict[str, float]:
+            opt.zero_grad(set_to_none=True)
+            diag = auto(x, generator=g)
+            opt.step()
+            return {"loss": float(diag["loss"])}
 
-        return step
+        return run
 
     return make_step
+
+
+def default_recipes(s: TrainSettings, reference: Tensor) -> dict[str, Recipe]:
+    """The recipes ``varred-repro train`` compares (plain first; ``reference``: STF's data)."""
+    lo, hi = s.sigma_min, s.sigma_max
+    bins = vd.SigmaBins(lo, hi, s.num_bins)
+    plain = vd.LogUniformSigma(lo, hi)
+
+    def draw(n: int, g: torch.Generator) -> Tensor:
+        return reference[torch.randint(reference.shape[0], (n,), generator=g)]
+
+    stf = vd.StableTarget(vd.FreshReference(draw, s.stf_reference,
+                                            generator=torch.Generator().manual_seed(1)))  # fmt: skip
+    recipes = {
+        "plain": vd.Recipe(sampler=plain),
+        "importance σ": vd.Recipe(sampler=vd.ImportanceSigmaSampler(s.num_bins, lo, hi)),
+        "stratified σ": vd.Recipe(sampler=vd.StratifiedSigma(lo, hi)),
+        f"STF (R = {s.stf_reference})": vd.Recipe(sampler=plain, target=stf),
+        "C^0, per-σ-bin β": vd.Recipe(
+            sampler=plain,
+            control=vd.TaylorControl(0),
+            layout=CoefficientLayout("element", groups=bins),
+        ),
+        "Min-SNR-5 (objective changed)": vd.Recipe(
+            sampler=plain, weighting=vd.MinSNRWeighting(5.0)
+        ),
+    }
+    out = {name: recipe_trainer(r, s) for name, r in recipes.items()}
+    out["auto"] = auto_trainer(s)
+    return out
 
 
 def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, mode: str,
@@ -153,7 +191,7 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
         record()
     final = {"recipe": name, "seed": seed, "mode": mode, "steps": i, "images": seen,
              "elapsed_s": clock, "val_loss": rows[-1]["val_loss"], "frechet": float("nan")}  # fmt: skip
-    if fd is not None:
+    if fd is not None and mode == "wallclock":  # quality at equal wall-clock (the budget users pay)
         model.eval()
         final["frechet"] = fd.evaluate_model(model, ctx.generator("train-fd", seed),
                                              count=s.fd_count, steps=s.heun_steps,
@@ -241,10 +279,15 @@ def _figure(curves: list[dict], mode: str, x: str, recipes: list[str], dpi: int)
 
 
 def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict[str, Any]:
-    """``varred-repro train``: default recipes plain and C^0 (``ControlledDSM``)."""
+    """``varred-repro train``: the :func:`default_recipes` (or ``recipes``) side by side."""
     s = _settings(ctx)
     if recipes is None:
-        recipes = {"plain": plain_recipe(s, ctx.device), "c0": controlled_recipe(s, ctx.device)}
+        reference = load_dataset(s.dataset, "train" if s.dataset == "fashion-mnist" else "test",
+                                 ctx.data_dir, limit=s.limit).images  # fmt: skip
+        recipes = default_recipes(s, reference)
+        keep = ctx.extra.get("recipes")
+        if keep:
+            recipes = {k: v for k, v in recipes.items() if k == "plain" or k in keep}
     t0 = time.perf_counter()
     res = train_recipes(ctx, recipes, s)
     out = ctx.out
@@ -260,7 +303,7 @@ def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict
     save_figure(out / "quality_vs_images.png",
                 _figure(res["curves"], "images", "images", names, ctx.dpi), dpi=ctx.dpi)  # fmt: skip
     fd_text = (
-        f"Fréchet distance of {s.fd_count} Heun samples ({s.heun_steps} levels) on Fashion-MNIST "
+        f"Fréchet distance (equal wall-clock runs) of {s.fd_count} Heun samples ({s.heun_steps} levels) on Fashion-MNIST "
         "classifier features"
         if s.fd_count > 0 and s.dataset == "fashion-mnist"
         else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)"
