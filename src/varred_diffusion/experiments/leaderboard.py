@@ -224,19 +224,20 @@ def leaderboard_rows(
     if rows is None:
         rows = leaderboard_recipes(p)
         if ctx.quick:
-            rows = [r for r in rows if (design_name(r[1]), control_order(r[1])) in QUICK_TECHNIQUES]
+            rows = [r for r in rows if (design_name(r[1]), control_order(r[1])) in QUICK_TECHNIQUES
+                    and r[1].weighting is None and r[1].target is None]  # fmt: skip
     if not rows or rows[0][1].control is not None:
         raise VarRedError("rows: expected the plain reference (no control) as the first row")
     rows = _warm(ctx, p, rows)
-    passes: dict[tuple[str, str], _Pass] = {}
+    passes: dict[tuple[str, ...], _Pass] = {}
     out: list[dict[str, Any]] = []
     base: dict[str, float] = {}
     for i, (name, recipe) in enumerate(
         ctx.bar(rows, total=len(rows), desc=f"leaderboard {p.name}")
     ):
-        key = (repr(recipe.sampler), repr(recipe.control))
-        if key not in passes:
-            group = [r for _, r in rows if (repr(r.sampler), repr(r.control)) == key]
+        key = _pass_key(recipe)
+        if key not in passes:  # rows differing only in β share one moment pass
+            group = [r for _, r in rows if _pass_key(r) == key]
             passes[key] = _measure(ctx, p, group)
         kind = "-" if control_order(recipe) is None else beta_kind(recipe)[0]
         var, var_se = passes[key].variances[kind], passes[key].stderrs[kind]
@@ -245,6 +246,11 @@ def leaderboard_rows(
             base.update(var=var, se=var_se, t=t)
         out.append(_row(p, name, recipe, kind, var, var_se, t, base, i == 0))
     return out
+
+
+def _pass_key(recipe: Recipe) -> tuple[str, ...]:
+    """What a moment pass depends on: every part but the coefficient layout."""
+    return tuple(repr(getattr(recipe, k)) for k in ("sampler", "weighting", "target", "control"))
 
 
 def _row(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import torch
+
 from varred.errors import VarRedError
 from varred.layout import CoefficientLayout
 from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler
@@ -22,6 +24,8 @@ from varred_diffusion.noise_levels import EDMLogNormal, LaplaceLogSNR
 from varred_diffusion.objective_densities import LogUniform
 from varred_diffusion.recipe import Recipe
 from varred_diffusion.sampling import ImportanceSigmaSampler, LogUniformSigma, StratifiedSigma
+from varred_diffusion.stf import StableTarget
+from varred_diffusion.stf_reference import FreshReference
 from varred_diffusion.weightings import EDMWeighting, MinSNRWeighting
 
 __all__ = [
@@ -78,6 +82,10 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
     laplace = LaplaceLogSNR(sigma_min=lo, sigma_max=hi, objective=objective, defensive=0.1)
     adaptive = AdaptiveSigmaSampler(p.num_bins, lo, hi, objective=objective)
 
+    def stf(size: int, own: bool = True) -> StableTarget:  # references drawn i.i.d. from the data
+        ref = FreshReference(p.sample_x, size, generator=torch.Generator().manual_seed(size))
+        return StableTarget(ref, include_batch=own)
+
     rows = [
         row("log-uniform σ (plain DSM)", iid),
         row("antithetic ε", iid, pairs),
@@ -88,6 +96,10 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
         row("EDM log-normal σ, reweighted (δ = 0.1)", edm),
         row("Laplace log-SNR σ, reweighted (δ = 0.1)", laplace),
         row("Kingma–Gao adaptive σ", adaptive),
+        row("STF target, R = 64 (+ own point)", iid, target=stf(64)),
+        row("STF target, R = 256 (+ own point)", iid, target=stf(256)),
+        row("STF target, R = 256, no own point (biased)", iid, target=stf(256, own=False)),
+        row("STF target + C^0, per-σ-bin β", iid, ck[0], "bin", target=stf(256)),
         row("Min-SNR-5 weighting (objective changed)", iid, weighting=MinSNRWeighting(5.0)),
         row("EDM weighting (objective changed)", iid, weighting=EDMWeighting(0.5)),
         row("C^0, β = 1", iid, ck[0], "unit"),
@@ -127,8 +139,8 @@ def objective_note(recipe: Recipe) -> str:
     notes = []
     if recipe.weighting is not None:
         notes.append("weighting")
-    if recipe.target is not None:
-        notes.append("target (biased)")
+    if recipe.target is not None and not getattr(recipe.target, "include_batch", False):
+        notes.append("target biased O(1/R)")
     if getattr(recipe.sampler, "changes_objective", False):
         notes.append("σ density")
     return "same" if not notes else "changed: " + ", ".join(notes)
