@@ -148,7 +148,7 @@ def stf_target(
     vanishes as R → ∞). That exactness fails, leaving a bias (not measured here)
     when the references are correlated with the sample: drawn without replacement from
     a finite set of N (a memory bank of the current epoch never holds the sample itself),
-    stale duplicates, or another class. ``docs/techniques-stf.md`` measures both cases on
+    stale duplicates, or another class. ``docs/techniques.md`` (STF) measures both cases on
     Fashion-MNIST against the exact posterior mean over the 60,000 training images.
 
     Args:
