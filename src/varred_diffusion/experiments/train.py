@@ -90,20 +90,24 @@ def _settings(ctx: Context) -> TrainSettings:
     return replace(s, **given)
 
 
+def _with_adam(model: nn.Module, s: TrainSettings, step: Callable[..., dict]) -> Step:
+    """``run(x, g)``: ``step(x, generator=g)`` fills ``p.grad``, then one Adam step."""
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+
+    def run(x: Tensor, g: torch.Generator) -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        diag = step(x, generator=g)
+        opt.step()
+        return {"loss": float(diag["loss"])}
+
+    return run
+
+
 def recipe_trainer(recipe: vd.Recipe, s: TrainSettings) -> Recipe:
     """A ``vd.Recipe`` trained with Adam: its step draws σ (sampler) and ε from ``g``."""
 
     def make_step(model: nn.Module) -> Step:
-        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
-        step = recipe.build(model, model.parameters(), validate=False)
-
-        def run(x: Tensor, g: torch.Generator) -> dict[str, float]:
-            opt.zero_grad(set_to_none=True)
-            diag = step(x, generator=g)
-            opt.step()
-            return {"loss": float(diag["loss"])}
-
-        return run
+        return _with_adam(model, s, recipe.build(model, model.parameters(), validate=False))
 
     return make_step
 
@@ -112,19 +116,11 @@ def auto_trainer(s: TrainSettings) -> Recipe:
     """``vd.AutoStep`` (C^0 only in the σ bins where it pays; σ sampler by measured spread)."""
 
     def make_step(model: nn.Module) -> Step:
-        opt = torch.optim.Adam(model.parameters(), lr=s.lr)
         bins = vd.SigmaBins(s.sigma_min, s.sigma_max, s.num_bins)
         probe = max(4, min(40, s.eval_every))
         auto = vd.AutoStep(model, model.parameters(), bins=bins, probe_steps=probe,
                            recheck_every=max(probe, 25 * probe))  # fmt: skip
-
-        def run(x: Tensor, g: torch.Generator) -> dict[str, float]:
-            opt.zero_grad(set_to_none=True)
-            diag = auto(x, generator=g)
-            opt.step()
-            return {"loss": float(diag["loss"])}
-
-        return run
+        return _with_adam(model, s, auto)
 
     return make_step
 
