@@ -40,6 +40,7 @@ class TaylorControl:
             one control forward per group, so each group's backward covers its own rows; one
             host sync per step for the group sizes) or ``"joint"`` (one forward over the
             batch and one backward per group over all of it; sync-free).
+        mean_method: the core's name for ``expectation`` (``varred.MeanMethod``); either works.
         stack: k = 0 only, joint forward only: one forward over ``[x_t ; αx]`` (fewer, larger
             kernels) instead of two of ``B`` rows. Same values either way.
 
@@ -52,9 +53,17 @@ class TaylorControl:
     expectation: str = "auto"
     group_forward: str = "split"
     stack: bool = False
+    mean_method: str | None = None
     needs_coefficients = True
 
     def __post_init__(self) -> None:
+        if self.mean_method is not None:  # the core's name for expectation
+            if self.expectation not in ("auto", self.mean_method):
+                raise VarRedError(
+                    f"mean_method: {self.mean_method!r} contradicts expectation="
+                    f"{self.expectation!r}; give one"
+                )
+            object.__setattr__(self, "expectation", self.mean_method)
         check_order(self.order)
         resolve_expectation(self.expectation, self.order, 1)  # validates the name / order pair
         if self.group_forward not in GROUP_FORWARDS:

@@ -121,6 +121,7 @@ def dsm_taylor_cv(
     weighting: Weighting = None,
     alpha: Tensor | float | None = None,
     expectation: str = "auto",
+    mean_method: str | None = None,
     probe_noise: Tensor | tuple[Tensor, Tensor] | None = None,
     generator: torch.Generator | None = None,
     score_kwargs: Mapping[str, Any] | None = None,
@@ -146,6 +147,8 @@ def dsm_taylor_cv(
         order: Taylor order ``k ≥ 0``.
         weighting: λ(σ): ``None`` (σ²), a float, a ``[B]`` tensor or a callable ``[B] -> [B]``.
         alpha: signal scale α (float, 0-d or ``[B]``; ``None`` = 1, VE).
+        mean_method: the core's name of ``expectation`` (``varred.MeanMethod``); when given
+            it is used, and an ``expectation`` other than the default must agree with it.
         expectation: how ``E_ε h`` is obtained: "exact" (cubature / basis sums; any k,
             cost ``d`` (k = 1) or ``(k+1)^d`` (k ≥ 2) evaluations per sample),
             "hutchinson" (Rademacher probes; k ≤ 2), "probe" (the polynomial's even
@@ -191,13 +194,24 @@ def dsm_taylor_cv(
         check_finite("sigma", sig)
     if validate and bool((sig <= 0).any()):
         raise VarRedError(f"sigma: expected values > 0, got min {float(sig.min()):.3g}")
-    method = resolve_expectation(expectation, order, d)
+    method = resolve_expectation(_mean_method(expectation, mean_method), order, d)
     x0 = append_dims(per_sample("alpha", alpha, b, x, 1.0), x.ndim) * x
     lam = loss_weights(weighting, sig)
     return taylor_control(
         score_fn, x0, sig, noise, lam, order, method,
         probe_noise=probe_noise, generator=generator, score_kwargs=score_kwargs,
     )  # fmt: skip
+
+
+def _mean_method(expectation: str, mean_method: str | None) -> str:
+    """``mean_method`` (the core's name) or ``expectation`` (0.1's), refusing a contradiction."""
+    if mean_method is None:
+        return expectation
+    if expectation not in ("auto", mean_method):
+        raise VarRedError(
+            f"mean_method: {mean_method!r} contradicts expectation={expectation!r}; give one"
+        )
+    return mean_method
 
 
 def k0_control(s0: Tensor, noise: Tensor, sigma: Tensor, lam: Tensor) -> Tensor:

@@ -244,3 +244,18 @@ def test_errors(generator: torch.Generator) -> None:
         vd.TrainingStep(model, model.parameters(), control=vd.AntitheticPairs())(
             x[:7], torch.full((7,), 0.1, dtype=F64), generator=generator
         )
+
+
+def test_mean_method_is_the_core_name_of_expectation(generator: torch.Generator) -> None:
+    """One vocabulary: ``mean_method`` (core) and ``expectation`` (0.1) name the same choice."""
+    model = LabelScore(0)
+    x, sigma = _x(generator, 8), _sigma(generator, 8)
+    eps = torch.randn(8, 2, generator=generator, dtype=F64)
+    a = vd.dsm_taylor_cv(model, x, sigma, eps, order=1, mean_method="exact")
+    b = vd.dsm_taylor_cv(model, x, sigma, eps, order=1, expectation="exact")
+    assert torch.equal(a, b)
+    assert vd.TaylorControl(1, mean_method="hutchinson").expectation == "hutchinson"
+    with pytest.raises(VarRedError, match="mean_method: 'exact' contradicts"):
+        vd.TaylorControl(1, expectation="probe", mean_method="exact")
+    with pytest.raises(VarRedError, match="mean_method"):
+        vd.dsm_taylor_cv(model, x, sigma, eps, order=1, expectation="probe", mean_method="exact")
