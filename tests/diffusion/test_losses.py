@@ -122,3 +122,31 @@ def test_errors() -> None:
         dsm_loss(zero, torch.zeros(4, 2, dtype=torch.long), 1.0, e)
     with pytest.raises(VarRedError, match="weighting"):
         dsm_loss(zero, x, 1.0, e, weighting=lambda s: s[:2])
+
+
+def test_weighting_contract_shared_with_the_taylor_cv() -> None:
+    """Issue 15 defect 2: ``dsm_loss`` takes λ as a float, a ``[B]`` tensor or a callable
+    returning a float or a tensor, as ``dsm_taylor_cv`` does; anything else is refused."""
+    import varred_diffusion as vd
+    from varred import VarRedError
+
+    g = torch.Generator().manual_seed(0)
+    x, eps = (
+        torch.randn(4, 2, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, generator=g, dtype=torch.float64),
+    )
+    sigma = torch.tensor([0.1, 0.2, 0.5, 1.0], dtype=torch.float64)
+    score = lambda xt, s: -xt  # noqa: E731
+    plain = vd.dsm_loss(score, x, sigma, eps)  # λ = σ²
+    want = 2.0 * plain / sigma**2
+    for w in (
+        2.0,
+        torch.full((4,), 2.0, dtype=torch.float64),
+        lambda s: 2.0,
+        lambda s: torch.tensor(2.0),
+    ):
+        torch.testing.assert_close(vd.dsm_loss(score, x, sigma, eps, weighting=w), want)
+    with pytest.raises(VarRedError, match="weighting"):
+        vd.dsm_loss(score, x, sigma, eps, weighting="sigma2")
+    with pytest.raises(VarRedError, match="weighting"):
+        vd.dsm_loss(score, x, sigma, eps, weighting=lambda s: "x")
