@@ -89,8 +89,9 @@ class ShardedGradients:
     """Flat local-shard gradients of FSDP2 parameters through ``.backward()`` passes.
 
     Every rank must run the same passes (FSDP's collectives): each step does ``1 + G``
-    backward passes (``1`` when the controls do not depend on the parameters), whatever the
-    local batch holds. Assumes FSDP's default gradient averaging over the mesh (no
+    backward passes (``2`` without ``groups``, ``1`` when the controls do not depend on the
+    parameters), whatever the local batch holds. Assumes data-parallel sharding (FSDP, not
+    tensor parallelism), FSDP's default gradient averaging over the mesh (no
     ``set_gradient_divide_factor``) and gradient sync on.
 
     Args:
