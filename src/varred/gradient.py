@@ -31,6 +31,7 @@ from varred.gradient_inputs import (
     split_controls,
     write_grads,
 )
+from varred.gradient_shards import sharded_gradients
 from varred.gradient_state import ControlStatistics
 from varred.layout import CoefficientLayout
 from varred.moments import all_finite, merge_moments
@@ -99,6 +100,9 @@ class GradientControl:
             plain per-element ratios. For many groups (σ bins) × P entries fitted from a
             few steps (benchmarks/coefficient_granularity.py). Default (``None``): 100 for
             per-element β with ``num_groups > 1``, else 0 (see :class:`CoefficientLayout`).
+        gradient_mode: ``"autograd"``, ``"backward"`` (FSDP2 ``fully_shard``: ``1 + G``
+            ``.backward()`` passes, everything per local shard; :mod:`varred.gradient_shards`,
+            ``docs/gradient.md``) or ``"auto"`` (default: backward iff a parameter is sharded).
 
     Raises:
         VarRedError: invalid options or ``params``.
@@ -130,6 +134,7 @@ class GradientControl:
         validate: bool = True,
         group_backward: str = "auto",
         shrinkage: float | None = None,
+        gradient_mode: str = "auto",
     ) -> None:
         if raise_on_nonfinite:
             warnings.warn(
@@ -149,16 +154,19 @@ class GradientControl:
             raise VarRedError(
                 f"process_group: expected None, 'default' or a ProcessGroup, got {process_group!r}"
             )
-        self.params = check_params(params)
+        self.params = params = check_params(params)
+        self._shards = sh = sharded_gradients(gradient_mode, params, process_group, coefficient)
         self.process_group = process_group
         is64 = any(p.dtype == torch.float64 for p in self.params)
         self._dtype = torch.float64 if is64 else torch.float32
         self._device = self.params[0].device
-        self._sizes = [p.numel() for p in self.params]
+        self._shapes = [p.shape for p in self.params] if sh is None else sh.shapes  # local
+        self._sizes = [p.numel() for p in self.params] if sh is None else sh.sizes
         self._numel = sum(self._sizes)
         # [npar] segment lengths of the flat buffer, for per-tensor pooling (segment_reduce)
         lengths = torch.tensor(self._sizes, dtype=torch.long, device=self._device)
-        self._pool = FlatPool(lengths, lay.granularity, lay.shrinkage)
+        red = () if sh is None else (sh.reduce, sh.totals)  # shards: pooled sums all-reduced
+        self._pool = FlatPool(lengths, lay.granularity, lay.shrinkage, *red)
         choice = {"auto": None, "batched": True, "loop": False}[group_backward]
         self._batched_choice = {"losses": choice, "controls": choice}  # per graph; auto: None
         self._scale: Tensor | None = None  # GradScaler scale during backward(scaler=...)
@@ -217,10 +225,10 @@ class GradientControl:
         beta = self._beta()
         g, gran = beta.shape[0], self.config.granularity
         if isinstance(self.config.coefficient, str) and gran == "element":  # [G, P]
-            return [b.view(g, *p.shape) for b, p in zip(beta.split(self._sizes, 1), self.params)]
+            return [b.view(g, *s) for b, s in zip(beta.split(self._sizes, 1), self._shapes)]
         if isinstance(self.config.coefficient, str) and gran == "tensor":  # [G, npar]
-            return [beta[:, i].reshape((g,) + (1,) * p.dim()) for i, p in enumerate(self.params)]
-        return [beta.view((g,) + (1,) * p.dim()) for p in self.params]  # [G, 1]
+            return [beta[:, i].reshape((g,) + (1,) * len(s)) for i, s in enumerate(self._shapes)]
+        return [beta.view((g,) + (1,) * len(s)) for s in self._shapes]  # [G, 1]
 
     # ---------------------------------------------------------------- step
     def backward(
@@ -288,6 +296,7 @@ class GradientControl:
             ctl = g_l - (self._pool.expand(beta, self._numel) * g_c).sum(0)  # [P] controlled
             if not self._per_sample:  # NaN/Inf in g_ℓ or any g_c reaches ctl (0·Inf = NaN)
                 finite = finite & all_finite(ctl)
+            finite = finite if self._shards is None else self._shards.agree(finite)  # all ranks
             if cfg.nonfinite == "raise" and not bool(finite):
                 raise VarRedError(
                     "losses/controls: expected finite losses, controls and gradients, got "
@@ -296,7 +305,8 @@ class GradientControl:
             out = (
                 torch.where(finite, ctl, torch.zeros_like(ctl)) if cfg.nonfinite == "zero" else ctl
             )
-            write_grads(self.params, self._sizes, out if self._scale is None else out * self._scale)
+            write = write_grads if self._shards is None else self._shards.write
+            write(self.params, self._sizes, out if self._scale is None else out * self._scale)
             st.update(g_l, g_c, finite, upd)
             if not self._per_sample:
                 if not isinstance(cfg.coefficient, str):
@@ -340,6 +350,10 @@ class GradientControl:
     ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """Flat batch gradients ``g_ℓ [P]`` and per-group ``g_c [G, P]`` (global means), finite."""
         ng = self.config.num_groups
+        if self._shards is not None:  # FSDP2: local shards of global means by backward passes
+            return self._shards.batch_gradients(
+                losses, controls, groups, ng, chunks, self._scale, self._dtype
+            )
         scale = 1.0 if active else 1.0 / b  # sums when reducing, means otherwise
         need_c = controls.requires_grad
         g_l = self._grads(losses, torch.full_like(losses, scale), False, need_c, name="losses")

@@ -36,11 +36,16 @@ class FlatPool:
         lengths: ``[npar]`` int64 entries per parameter tensor (on the statistics' device).
         granularity: ``"element"``, ``"tensor"`` or ``"scalar"``.
         shrinkage: κ ≥ 0 (per-element only).
+        reduce: sums a list of pooled sums over ranks (sharded parameters: each rank holds
+            a shard of every tensor); ``None``: no communication.
+        totals: ``[npar]`` entries per whole tensor when ``lengths`` count local shards.
     """
 
     lengths: Tensor
     granularity: str
     shrinkage: float
+    reduce: Reduce | None = None
+    totals: Tensor | None = None
 
     def pool(self, num: Tensor, den: Tensor, weight: Tensor | None = None) -> Tensor:
         """Flat ``Σ num / Σ den`` pooled by granularity: ``[L, P]`` → ``[L, P | npar | 1]``.
@@ -54,15 +59,19 @@ class FlatPool:
         if gran == "element" and (kappa == 0.0 or weight is None):
             return safe_div(num, den)
         if gran == "scalar":
-            return safe_div(num.sum(1, keepdim=True), den.sum(1, keepdim=True))
+            sn, sd = num.sum(1, keepdim=True), den.sum(1, keepdim=True)
+            return safe_div(*(self.reduce([sn, sd]) if self.reduce else (sn, sd)))
         lengths = self.lengths.expand(num.shape[0], -1)  # deterministic segmented sums
         sn = torch.segment_reduce(num, "sum", lengths=lengths, axis=1)  # [L, npar]
         sd = torch.segment_reduce(den, "sum", lengths=lengths, axis=1)
+        if self.reduce is not None:  # shards → whole tensors
+            sn, sd = self.reduce([sn, sd])
         beta_t = safe_div(sn, sd)
         if gran == "tensor":
             return beta_t
         assert weight is not None
-        prior = kappa * (sd / self.lengths) / weight.clamp(min=1.0).reshape(-1, 1)  # [L, npar]
+        count = self.lengths if self.totals is None else self.totals
+        prior = kappa * (sd / count) / weight.clamp(min=1.0).reshape(-1, 1)  # [L, npar]
         a, b = self.expand(prior, num.shape[1]), self.expand(beta_t, num.shape[1])  # [L, P]
         return safe_div(num + a * b, den + a)
 
