@@ -20,6 +20,7 @@ from varred_diffusion.bins import LogSNRBins as LogSNRBins
 from varred_diffusion.bins import QuantileBins as QuantileBins
 from varred_diffusion.bins import SigmaBins as SigmaBins
 from varred_diffusion.controls import AntitheticPairs as AntitheticPairs
+from varred_diffusion.controls import FlowTaylorControl as FlowTaylorControl
 from varred_diffusion.controls import TaylorControl as TaylorControl
 from varred_diffusion.coupling import ot_pair_noise as ot_pair_noise
 from varred_diffusion.diagnostics import VarianceRatio as VarianceRatio
@@ -85,6 +86,7 @@ __all__ = [
     "EDMLogNormal",
     "EDMWeighting",
     "EpsFromScore",
+    "FlowTaylorControl",
     "FreshReference",
     "ImportanceSigmaSampler",
     "LaplaceLogSNR",

@@ -18,10 +18,11 @@ from torch import Tensor
 from varred.errors import VarRedError, check_order, shape_str
 from varred_diffusion.batch import Batch
 from varred_diffusion.broadcast import repeat_rows
+from varred_diffusion.flow import flow_matching_taylor_cv
 from varred_diffusion.sampling import antithetic_noise
 from varred_diffusion.taylor_cv import k0_control, resolve_expectation, taylor_control
 
-__all__ = ["AntitheticPairs", "TaylorControl"]
+__all__ = ["AntitheticPairs", "FlowTaylorControl", "TaylorControl"]
 
 GROUP_FORWARDS = ("split", "joint")
 
@@ -189,3 +190,52 @@ class AntitheticPairs:
     ) -> tuple[Tensor, Tensor]:
         """The inner control's stacked forward (``stack=True`` inner controls only)."""
         return self.control.stacked_forward(score_fn, batch)
+
+
+@dataclass(frozen=True)
+class FlowTaylorControl:
+    """The flow-matching Taylor control ``C^k`` (``flow_matching_taylor_cv``) as a recipe part.
+
+    For a step on the rectified-flow path (``alpha = 1 − σ``, ``σ = t``, weighting
+    ``flow_matching_weighting`` so the step's loss is ``‖v − (ε − x)‖²``) whose ``score_fn`` is a
+    ``ScoreFromVelocity``: expands the velocity network about ``(1 − t) x`` in ε. Its values are
+    in the FM loss's units, so they pair with that loss one for one.
+
+    Args:
+        order: Taylor order ``k ≥ 0``.
+        mean_method: ``"auto"``, ``"exact"``, ``"probe"`` or ``"hutchinson"``.
+        group_forward: ``"split"`` or ``"joint"`` (as :class:`TaylorControl`).
+    """
+
+    order: int = 0
+    mean_method: str = "auto"
+    group_forward: str = "split"
+    needs_coefficients = True
+    stack = False
+
+    def __post_init__(self) -> None:
+        TaylorControl(self.order, self.mean_method, self.group_forward)  # validates
+
+    @property
+    def requires_finite_data(self) -> bool:
+        """As :attr:`TaylorControl.requires_finite_data`."""
+        return self.order >= 1
+
+    def values(
+        self,
+        score_fn: Callable[..., Tensor],
+        batch: Batch,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Per-sample flow-matching ``C^k`` ``[B]`` at ``t = batch.sigma``."""
+        velocity = getattr(score_fn, "velocity", None)
+        if not callable(velocity):
+            raise VarRedError(
+                f"score_fn: expected a ScoreFromVelocity (with .velocity) for FlowTaylorControl, "
+                f"got {type(score_fn).__name__}"
+            )
+        return flow_matching_taylor_cv(
+            velocity, batch.x, batch.sigma, batch.noise, order=self.order,
+            expectation=self.mean_method, generator=generator,
+            velocity_kwargs=batch.score_kwargs, validate=False,
+        )  # fmt: skip

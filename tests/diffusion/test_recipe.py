@@ -259,3 +259,39 @@ def test_mean_method_is_the_core_name_of_expectation(generator: torch.Generator)
         vd.TaylorControl(1, expectation="probe", mean_method="exact")
     with pytest.raises(VarRedError, match="mean_method"):
         vd.dsm_taylor_cv(model, x, sigma, eps, order=1, expectation="probe", mean_method="exact")
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_flow_matching_recipe_equals_hand_composition(
+    order: int, generator: torch.Generator
+) -> None:
+    """Rectified flow as a recipe: ScoreFromVelocity, α = 1 − t, λ = t²/(1 − t)² make the step's
+    loss the FM loss; FlowTaylorControl's gradient is subtracted with the fixed β."""
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).to(F64)
+    with torch.no_grad():  # the project's rule: randomness from a generator, never the global RNG
+        for p in net.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=generator, dtype=F64))
+
+    def velocity(x: Tensor, t: Tensor) -> Tensor:
+        return net(torch.cat([x, t[:, None].to(x.dtype)], 1))
+
+    sf = vd.ScoreFromVelocity(velocity)
+    x = _x(generator, 12)
+    t = torch.empty(12, dtype=F64).uniform_(0.05, 0.95, generator=generator)
+    eps = torch.randn(12, 2, generator=generator, dtype=F64)
+    recipe = vd.Recipe(
+        weighting=vd.flow_matching_weighting,
+        control=vd.FlowTaylorControl(order, mean_method="exact"),
+        coefficient=0.5,
+    )
+    step = recipe.build(sf, net.parameters(), alpha=lambda s: 1 - s)
+    batch = step.prepare(x, t, eps)
+    want_loss = vd.flow_matching_loss(velocity, x, t, eps)
+    torch.testing.assert_close(step.losses(batch), want_loss)
+    step(x, t, eps)
+    got = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    c = vd.flow_matching_taylor_cv(velocity, x, t, eps, order=order, expectation="exact")
+    (vd.flow_matching_loss(velocity, x, t, eps) - 0.5 * c).mean().backward()
+    for a, b in zip(got, [p.grad for p in net.parameters()]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
