@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="other TrainSettings fields, e.g. eval_every=40,val_size=256",
             )
             p.add_argument("--recipes", default=None,
-                           help="comma-separated recipe names to keep besides plain (default all)")  # fmt: skip
+                           help="semicolon-separated recipe names to keep besides plain (default all)")  # fmt: skip
     return parser
 
 
@@ -174,7 +174,7 @@ def _extra(args: argparse.Namespace, name: str) -> dict:
                 raise VarRedError(f"--set: expected K=V with a number V, got {item!r}") from exc
     extra: dict = {"dataset_name": args.dataset, "train_settings": settings}
     if args.recipes:
-        extra["recipes"] = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        extra["recipes"] = [r.strip() for r in args.recipes.split(";") if r.strip()]
     return extra
 
 
