@@ -1,16 +1,19 @@
-"""``varred-repro train`` (draft): time to quality of training recipes, side by side.
+"""``varred-repro train``: time to quality of training recipes, side by side.
 
 Each recipe trains a fresh ``SmallUNet`` (VE, σ log-uniform on [σ_min, σ_max]) for the
 same wall-clock budget and, separately, the same number of images, for several seeds.
 The deterministic validation loss (:mod:`.validation`) is measured every ``eval_every``
 steps (its time is excluded from the clock), the Fréchet distance (:mod:`.quality`,
-Fashion-MNIST only: its classifier needs the training split) at the end. Outputs:
+Fashion-MNIST only: its classifier needs the training split) at the end of the equal
+wall-clock runs. Outputs:
 ``curves.csv``, ``final.csv``, ``results.json``, ``quality_vs_wallclock.png``,
 ``quality_vs_images.png`` and ``summary.md`` (time each recipe needs to reach the plain
 run's final validation loss, final Fréchet distance; mean ± standard error over seeds).
 
-A recipe, for now, is ``make_step(model) -> step(x [B, ...], generator) -> dict``: the step
-draws σ and ε from ``generator``, updates the model and returns floats (``"loss"``).
+A trainer is ``make_step(model) -> step(x [B, ...], generator) -> dict``: the step draws σ and
+ε from ``generator``, updates the model and returns floats (``"loss"``).
+:func:`recipe_trainer` makes one from a ``vd.Recipe`` and :func:`auto_trainer` from
+``vd.AutoStep``; :func:`default_recipes` is the list the command compares.
 """
 
 from __future__ import annotations
