@@ -43,6 +43,43 @@ def test_train_quick_writes_everything(tmp_path):
     assert "time to plain's final val loss" in summary and "no Fréchet distance" in summary
 
 
+@pytest.mark.skipif(dataset_missing_reason("mnist", "test") is not None,
+                    reason="needs the MNIST test split (../shared/data/mnist)")  # fmt: skip
+def test_merge_equals_one_run(tmp_path):
+    """Recipes trained in two processes (plain in one) merge into the one-process report."""
+    from varred_diffusion.experiments.train_report import merge_results
+
+    def ctx(out, **extra):
+        settings = {"images": 16, "modes": ("images",)}
+        return Context(out=tmp_path / out, quick=True, progress=False,
+                       extra={"dataset_name": "mnist", "train_settings": settings, **extra})  # fmt: skip
+
+    one = run_train(ctx("one", recipes=["importance σ"]))
+    run_train(ctx("a", recipes=["plain"]))  # plain alone
+    alone = run_train(ctx("b", recipes=["importance σ"], without_plain=True))
+    assert alone["table"] == [] and {f["recipe"] for f in alone["finals"]} == {"importance σ"}
+    assert "No plain run here" in (tmp_path / "b" / "summary.md").read_text()
+    merged = merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m", dpi=40)
+    from varred_diffusion.experiments.io import to_jsonable
+
+    # Same seeds, same streams: the same numbers (all but the measured times).
+    def numbers(table):
+        return [{k: v for k, v in r.items() if k != "time_to_target_s"} for r in table]
+
+    assert to_jsonable(numbers(merged["table"])) == to_jsonable(numbers(one["table"]))
+    assert [r["recipe"] for r in merged["table"]] == ["plain", "importance σ"]
+    assert "Merged from" in (tmp_path / "m" / "summary.md").read_text()
+    with pytest.raises(VarRedError, match="in both"):
+        merge_results([tmp_path / "a", tmp_path / "one"], tmp_path / "x", dpi=40)
+    run_train(ctx("c", recipes=["stratified σ"], without_plain=True,
+                  train_settings={"images": 20, "modes": ("images",)}))  # fmt: skip
+    with pytest.raises(VarRedError, match="images"):
+        merge_results([tmp_path / "a", tmp_path / "c"], tmp_path / "x", dpi=40)
+    with pytest.raises(VarRedError, match="results.json"):
+        merge_results([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "x", dpi=40)
+    assert not (tmp_path / "x").exists()  # nothing half-done written
+
+
 def test_train_needs_plain(tmp_path):
     ctx = Context(out=tmp_path, quick=True)
     with pytest.raises(VarRedError, match="plain"):
@@ -56,3 +93,39 @@ def test_default_recipes_are_the_issue_list():
     names = list(default_recipes(TrainSettings(), torch.zeros(4, 1, 28, 28)))
     assert names[0] == "plain" and names[-1] == "auto" and len(names) == 7
     assert any(n.startswith("STF") for n in names) and any("Min-SNR" in n for n in names)
+
+
+def test_settings_refuse_unknown_clock_and_modes():
+    with pytest.raises(VarRedError, match="clock"):
+        TrainSettings(clock="gpu")
+    with pytest.raises(VarRedError, match="modes"):
+        TrainSettings(modes=("epochs",))
+    with pytest.raises(VarRedError, match="modes"):
+        TrainSettings(modes=())
+
+
+def test_cpu_clock_ignores_time_the_process_does_not_run():
+    """The CPU-time budget counts the process's own work, not time lost to other load
+    (here: sleeping); ``auto`` is CPU time on the CPU and wall-clock on CUDA."""
+    import time as _time
+
+    for clock, device, counts_sleep in (("cpu", "cpu", False), ("auto", "cpu", False),
+                                        ("wall", "cpu", True), ("auto", "cuda", True)):  # fmt: skip
+        now = TrainSettings(clock=clock).timer(device)
+        t0 = now()
+        _time.sleep(0.05)
+        assert (now() - t0 >= 0.05) == counts_sleep, (clock, device)
+
+
+@pytest.mark.skipif(dataset_missing_reason("mnist", "test") is not None,
+                    reason="needs the MNIST test split (../shared/data/mnist)")  # fmt: skip
+def test_train_one_mode(tmp_path):
+    """``modes=("images",)`` runs the equal-images budget alone; both figures still drawn."""
+    ctx = Context(out=tmp_path, quick=True, progress=False,
+                  extra={"dataset_name": "mnist",
+                         "train_settings": {"images": 16, "modes": ("images",)}})  # fmt: skip
+    res = run_train(ctx)
+    assert {f["mode"] for f in res["finals"]} == {"images"}
+    assert {r["mode"] for r in res["table"]} == {"images"}
+    assert (tmp_path / "quality_vs_wallclock.png").stat().st_size > 0
+    assert "budgets (images)" in (tmp_path / "summary.md").read_text()

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--budget",
                 type=float,
                 default=None,
-                help="training wall-clock seconds per recipe and seed (default 1200)",
+                help="training seconds (on --clock) per recipe and seed (default 1200)",
             )
             p.add_argument(
                 "--images",
@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="K=V,...",
                 help="other TrainSettings fields, e.g. eval_every=40,val_size=256",
             )
+            p.add_argument("--clock", default=None, choices=("auto", "cpu", "wall"),
+                           help="budget clock: process CPU time or wall-clock (auto: CPU time "
+                                "on the CPU, wall-clock on CUDA)")  # fmt: skip
+            p.add_argument("--modes", default=None, metavar="M,...",
+                           help="budgets to run: wallclock,images (default both)")  # fmt: skip
+            p.add_argument("--without-plain", action="store_true",
+                           help="leave plain out (a run to merge with one that has it)")
+            p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                           help="train nothing: one report from earlier runs' directories")
             p.add_argument("--recipes", default=None,
                            help="semicolon-separated recipe names to keep besides plain (default all)")  # fmt: skip
     return parser
@@ -172,7 +181,15 @@ def _extra(args: argparse.Namespace, name: str) -> dict:
                 settings[key.strip()] = float(value) if "." in value else int(value)
             except ValueError as exc:
                 raise VarRedError(f"--set: expected K=V with a number V, got {item!r}") from exc
+    if args.clock is not None:
+        settings["clock"] = args.clock
+    if args.modes is not None:
+        settings["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     extra: dict = {"dataset_name": args.dataset, "train_settings": settings}
+    if args.without_plain:
+        extra["without_plain"] = True
+    if args.merge:
+        extra["merge"] = [Path(d) for d in args.merge]
     if args.recipes:
         extra["recipes"] = [r.strip() for r in args.recipes.split(";") if r.strip()]
     return extra

@@ -18,15 +18,12 @@ A trainer is ``make_step(model) -> step(x [B, ...], generator) -> dict``: the st
 
 from __future__ import annotations
 
-import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 from torch import Tensor, nn
 
@@ -35,13 +32,7 @@ from varred.errors import VarRedError
 from varred.layout import CoefficientLayout
 from varred_diffusion.experiments.common import Context
 from varred_diffusion.experiments.datasets import load_dataset
-from varred_diffusion.experiments.io import (
-    plus_minus,
-    save_figure,
-    write_csv,
-    write_json,
-    write_markdown,
-)
+from varred_diffusion.experiments.train_report import merge_results, summarise, write_report
 from varred_diffusion.experiments.validation import ValidationSet, validation_loss
 
 __all__ = [
@@ -79,6 +70,25 @@ class TrainSettings:
     limit: int | None = None
     num_bins: int = 4
     stf_reference: int = 256
+    #: ``"cpu"``: the process's CPU time (robust to other load; the budget in CPU-seconds);
+    #: ``"wall"``: wall-clock; ``"auto"``: CPU time on the CPU, wall-clock (synchronised) on CUDA.
+    clock: str = "auto"
+    #: which budgets to run: equal training time (``"wallclock"``) and/or equal images.
+    modes: tuple[str, ...] = ("wallclock", "images")
+
+    def __post_init__(self) -> None:
+        if self.clock not in ("auto", "cpu", "wall"):
+            raise VarRedError(f"clock: expected 'auto', 'cpu' or 'wall', got {self.clock!r}")
+        bad = [m for m in self.modes if m not in ("wallclock", "images")]
+        if bad or not self.modes:
+            raise VarRedError(
+                f"modes: expected a non-empty subset of ('wallclock', 'images'), got {self.modes!r}"
+            )
+
+    def timer(self, device: str) -> Callable[[], float]:
+        """The clock the budget is measured on (see :attr:`clock`)."""
+        cpu = self.clock == "cpu" or (self.clock == "auto" and not device.startswith("cuda"))
+        return time.process_time if cpu else time.perf_counter
 
 
 def _settings(ctx: Context) -> TrainSettings:
@@ -167,6 +177,7 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
     g = ctx.generator("train-data", seed)  # same data/σ/ε stream for every recipe
     rows: list[dict] = []
     clock, seen, i = 0.0, 0, 0
+    now = s.timer(ctx.device)
 
     def record() -> None:
         model.eval()
@@ -178,11 +189,11 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
     record()
     while (clock < s.budget_s) if mode == "wallclock" else (seen < s.images):
         x = images[torch.randint(images.shape[0], (s.batch,), generator=g)].to(ctx.device)
-        t0 = time.perf_counter()
+        t0 = now()
         step(x, g)
         if ctx.device.startswith("cuda"):
             torch.cuda.synchronize()
-        clock += time.perf_counter() - t0
+        clock += now() - t0
         seen, i = seen + s.batch, i + 1
         if i % s.eval_every == 0:
             record()
@@ -199,25 +210,14 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
     return rows, final
 
 
-def _time_to(rows: list[dict], target: float, key: str = "elapsed_s") -> float:
-    """``key`` (elapsed time or images) of the first evaluation with loss ≤ ``target`` (NaN if never)."""
-    for r in rows:
-        if r["val_loss"] <= target:
-            return float(r[key])
-    return float("nan")
+def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings, *,
+                  require_plain: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train every recipe × seed × mode; return settings, curves, finals and the table.
 
-
-def _mean_se(v: list[float]) -> tuple[float, float]:
-    v = [x for x in v if math.isfinite(x)]
-    if not v:
-        return float("nan"), float("nan")
-    se = statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else float("nan")
-    return statistics.fmean(v), se
-
-
-def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings) -> dict[str, Any]:
-    """Train every recipe × seed × mode; return curves, finals and the summary table."""
-    if "plain" not in recipes:
+    Without a ``"plain"`` recipe (``require_plain=False``: a run to be merged with one
+    that has it, :func:`~.train_report.merge_results`) the table is empty.
+    """
+    if require_plain and "plain" not in recipes:
         raise VarRedError(
             f"recipes: expected a 'plain' recipe (the reference), got {sorted(recipes)}"
         )
@@ -236,49 +236,26 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings)
         )
         print(f"train: Fréchet classifier test accuracy {acc:.4f}", file=sys.stderr)
     curves, finals = [], []
-    for mode in ("wallclock", "images"):
+    for mode in s.modes:
         for name, recipe in recipes.items():
             for seed in range(s.seeds):
                 rows, final = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
                 curves += rows
                 finals.append(final)
-    table = []
-    for mode in ("wallclock", "images"):
-        plain_final = [
-            f["val_loss"] for f in finals if f["mode"] == mode and f["recipe"] == "plain"
-        ]
-        target = statistics.fmean(plain_final)
-        for name in recipes:
-            per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, k, mode)]
-                        for k in range(s.seeds)]  # fmt: skip
-            t = [_time_to(rows, target) for rows in per_seed]
-            n_img = [_time_to(rows, target, "images") for rows in per_seed]
-            fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
-            table.append({"mode": mode, "recipe": name, "target_val_loss": target,
-                          "time_to_target_s": _mean_se(t),
-                          "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
-                          "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
-                          "final_frechet": _mean_se([f["frechet"] for f in fin]),
-                          "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
-    return {"settings": asdict(s), "curves": curves, "finals": finals, "table": table}
-
-
-def _figure(curves: list[dict], mode: str, x: str, recipes: list[str], dpi: int) -> Any:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for c, name in enumerate(recipes):
-        for k, seed in enumerate(sorted({r["seed"] for r in curves})):
-            rows = [r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, seed, mode)]
-            ax.plot([r[x] for r in rows], [r["val_loss"] for r in rows], color=f"C{c}",
-                    alpha=0.8, label=name if k == 0 else None)  # fmt: skip
-    ax.set(xlabel="training wall-clock (s)" if x == "elapsed_s" else "images seen",
-           ylabel="validation DSM loss (fixed σ grid)", yscale="log")  # fmt: skip
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    table = summarise(curves, finals, list(recipes), s.seeds, s.modes) if "plain" in recipes else []
+    clock = "cpu" if s.timer(ctx.device) is time.process_time else "wall"
+    return {"settings": asdict(s), "clock": clock, "curves": curves, "finals": finals,
+            "table": table}  # fmt: skip
 
 
 def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict[str, Any]:
-    """``varred-repro train``: the :func:`default_recipes` (or ``recipes``) side by side."""
+    """``varred-repro train``: the :func:`default_recipes` (or ``recipes``) side by side.
+
+    With ``ctx.extra["merge"]`` (directories of earlier runs) it trains nothing and writes
+    the report of their union instead (:func:`~.train_report.merge_results`).
+    """
+    if ctx.extra.get("merge"):
+        return merge_results(ctx.extra["merge"], ctx.out, ctx.dpi)
     s = _settings(ctx)
     if recipes is None:
         reference = load_dataset(s.dataset, "train" if s.dataset == "fashion-mnist" else "test",
@@ -287,39 +264,9 @@ def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict
         keep = ctx.extra.get("recipes")
         if keep:
             recipes = {k: v for k, v in recipes.items() if k == "plain" or k in keep}
+        if ctx.extra.get("without_plain"):
+            recipes = {k: v for k, v in recipes.items() if k != "plain"}
     t0 = time.perf_counter()
-    res = train_recipes(ctx, recipes, s)
-    out = ctx.out
-    write_csv(out / "curves.csv", res["curves"])
-    write_csv(out / "final.csv", res["finals"])
-    write_json(out / "results.json", res)
-    names = list(recipes)
-    save_figure(
-        out / "quality_vs_wallclock.png",
-        _figure(res["curves"], "wallclock", "elapsed_s", names, ctx.dpi),
-        dpi=ctx.dpi,
-    )
-    save_figure(out / "quality_vs_images.png",
-                _figure(res["curves"], "images", "images", names, ctx.dpi), dpi=ctx.dpi)  # fmt: skip
-    fd_text = (
-        f"Fréchet distance (equal wall-clock runs) of {s.fd_count} Heun samples ({s.heun_steps} levels) on Fashion-MNIST "
-        "classifier features"
-        if s.fd_count > 0 and s.dataset == "fashion-mnist"
-        else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)"
-    )
-    lines = [f"# train: time to quality on {s.dataset}", "",
-             f"SmallUNet base {s.base}, batch {s.batch}, Adam lr {s.lr}, {s.seeds} seeds; budget "
-             f"{s.budget_s:g} s of training wall-clock (evaluation excluded) or {s.images} images; "
-             f"validation loss on {s.val_sigmas} log-spaced σ × {s.val_size} held-out images; "
-             f"{fd_text}. Target: the mean over seeds of plain's final validation loss (so plain "
-             "itself reaches it in about half its seeds). Mean ± standard error over seeds.", "",
-             "| budget | recipe | time to plain's final val loss (s) | images to it | reached "
-             "| final val loss | final Fréchet |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in res["table"]:
-        lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
-                     f"{plus_minus(*r['images_to_target'])} | "
-                     f"{r['reached']}/{s.seeds} | {plus_minus(*r['final_val_loss'], '.4g')} | "
-                     f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
-    lines += ["", f"Wall time {time.perf_counter() - t0:.1f} s."]
-    write_markdown(out / "summary.md", "\n".join(lines))
+    res = train_recipes(ctx, recipes, s, require_plain=not ctx.extra.get("without_plain", False))
+    write_report(ctx.out, res, ctx.dpi, wall_s=time.perf_counter() - t0)
     return res
