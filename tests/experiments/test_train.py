@@ -75,7 +75,7 @@ def test_merge_equals_one_run(tmp_path):
                   train_settings={"images": 20, "modes": ("images",)}))  # fmt: skip
     with pytest.raises(VarRedError, match="images"):
         merge_results([tmp_path / "a", tmp_path / "c"], tmp_path / "x", dpi=40)
-    with pytest.raises(VarRedError, match="results.json"):
+    with pytest.raises(VarRedError, match=r"results\.json"):
         merge_results([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "x", dpi=40)
     assert not (tmp_path / "x").exists()  # nothing half-done written
 
