@@ -144,10 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 "on the CPU, wall-clock on CUDA)")  # fmt: skip
             p.add_argument("--modes", default=None, metavar="M,...",
                            help="budgets to run: wallclock,images (default both)")  # fmt: skip
-            p.add_argument("--without-plain", action="store_true",
-                           help="leave plain out (a run to merge with one that has it)")
-            p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                           help="train nothing: one report from earlier runs' directories")
+            p.add_argument(
+                "--without-plain",
+                action="store_true",
+                help="leave plain out (a run to merge with one that has it)",
+            )
+            p.add_argument(
+                "--merge",
+                nargs="+",
+                default=None,
+                metavar="DIR",
+                help="train nothing: one report from earlier runs' directories",
+            )
             p.add_argument("--recipes", default=None,
                            help="semicolon-separated recipe names to keep besides plain (default all)")  # fmt: skip
     return parser

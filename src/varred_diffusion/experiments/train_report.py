@@ -93,8 +93,14 @@ def _names(finals: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: n != "plain")
 
 
-def write_report(out: Path, res: dict[str, Any], dpi: int, *, wall_s: float | None = None,
-                 sources: Sequence[str | Path] = ()) -> None:
+def write_report(
+    out: Path,
+    res: dict[str, Any],
+    dpi: int,
+    *,
+    wall_s: float | None = None,
+    sources: Sequence[str | Path] = (),
+) -> None:
     """Every output file of ``varred-repro train`` from ``res`` (see the module docstring)."""
     s = res["settings"]
     names = _names(res["finals"])
