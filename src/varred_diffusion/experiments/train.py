@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 Step = Callable[[Tensor, torch.Generator], dict[str, float]]
+#: MNIST images (the last of its test split) held out for validation, never trained on.
+MNIST_HOLDOUT = 1000
 Recipe = Callable[[nn.Module], Step]
 
 
@@ -168,6 +170,21 @@ def default_recipes(s: TrainSettings, reference: Tensor) -> dict[str, Recipe]:
     return out
 
 
+def train_and_held(s: TrainSettings, data_dir: Any = None) -> tuple[Tensor, Tensor]:
+    """Training images and held-out validation images, disjoint.
+
+    Fashion-MNIST: its train split (first ``s.limit``) and its test split. MNIST has only
+    its test split here: its last :data:`MNIST_HOLDOUT` images are held out, the rest
+    (first ``s.limit``) train.
+    """
+    if s.dataset == "fashion-mnist":
+        train = load_dataset(s.dataset, "train", data_dir, limit=s.limit).images
+        return train, load_dataset(s.dataset, "test", data_dir).images
+    images = load_dataset(s.dataset, "test", data_dir).images
+    train, held = images[:-MNIST_HOLDOUT], images[-MNIST_HOLDOUT:]
+    return (train if s.limit is None else train[: s.limit]), held
+
+
 def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, mode: str,
          images: Tensor, vset: ValidationSet, fd: Any) -> tuple[list[dict], dict]:  # fmt: skip
     from varred_diffusion.models import SmallUNet
@@ -221,9 +238,7 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings,
         raise VarRedError(
             f"recipes: expected a 'plain' recipe (the reference), got {sorted(recipes)}"
         )
-    train = load_dataset(s.dataset, "train" if s.dataset == "fashion-mnist" else "test",
-                         ctx.data_dir, limit=s.limit).images  # fmt: skip
-    held = load_dataset(s.dataset, "test", ctx.data_dir).images
+    train, held = train_and_held(s, ctx.data_dir)
     vset = ValidationSet.build(held, ctx.generator("train-val"), size=min(s.val_size, len(held)),
                                num_sigmas=s.val_sigmas, sigma_min=s.sigma_min,
                                sigma_max=s.sigma_max).to(ctx.device)  # fmt: skip
@@ -258,9 +273,7 @@ def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict
         return merge_results(ctx.extra["merge"], ctx.out, ctx.dpi)
     s = _settings(ctx)
     if recipes is None:
-        reference = load_dataset(s.dataset, "train" if s.dataset == "fashion-mnist" else "test",
-                                 ctx.data_dir, limit=s.limit).images  # fmt: skip
-        recipes = default_recipes(s, reference)
+        recipes = default_recipes(s, train_and_held(s, ctx.data_dir)[0])
         keep = ctx.extra.get("recipes")
         if keep:
             recipes = {k: v for k, v in recipes.items() if k == "plain" or k in keep}
