@@ -128,4 +128,6 @@ def test_train_one_mode(tmp_path):
     assert {f["mode"] for f in res["finals"]} == {"images"}
     assert {r["mode"] for r in res["table"]} == {"images"}
     assert (tmp_path / "quality_vs_wallclock.png").stat().st_size > 0
-    assert "budgets (images)" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "budgets: 16 images;" in summary
+    assert "of training" not in summary  # the wall-clock budget did not run, so it is not stated

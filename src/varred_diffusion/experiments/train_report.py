@@ -117,22 +117,27 @@ def write_report(
     fd_text = (f"Fréchet distance (equal-time runs) of {s['fd_count']} Heun samples "
                f"({s['heun_steps']} levels) on Fashion-MNIST classifier features" if with_fd
                else "no Fréchet distance (it needs Fashion-MNIST and fd_count > 0)")  # fmt: skip
+    budgets = {
+        "wallclock": f"{s['budget_s']:g} s of training {clock} (evaluation excluded)",
+        "images": f"{s['images']} images",
+    }
     lines = [f"# train: time to quality on {s['dataset']}", "",
              f"SmallUNet base {s['base']}, batch {s['batch']}, Adam lr {s['lr']}, {s['seeds']} "
-             f"seeds; budgets ({', '.join(s['modes'])}): {s['budget_s']:g} s of training {clock} "
-             f"(evaluation excluded) or {s['images']} images; validation loss on "
+             f"seeds; budgets: {'; '.join(budgets[m] for m in s['modes'])}; validation loss on "
              f"{s['val_sigmas']} log-spaced σ × {s['val_size']} held-out images; {fd_text}. "
              "Target: the mean over seeds of plain's final validation loss (so plain itself "
              "reaches it in about half its seeds). Mean ± standard error over seeds.", ""]  # fmt: skip
     if res["table"]:
         lines += ["| budget | recipe | time to plain's final val loss (s) | images to it | "
-                  "reached | final val loss | final Fréchet |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "reached | images seen | final val loss | final Fréchet |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     else:
         lines += ["No plain run here: merge with one (`varred-repro train --merge DIR DIR`)."]
     for r in res["table"]:
         lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
                      f"{plus_minus(*r['images_to_target'])} | "
-                     f"{r['reached']}/{s['seeds']} | {plus_minus(*r['final_val_loss'], '.4g')} | "
+                     f"{r['reached']}/{s['seeds']} | {plus_minus(*r['images'], '.3g')} | "
+                     f"{plus_minus(*r['final_val_loss'], '.4g')} | "
                      f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
     if wall_s is not None:
         lines += ["", f"Wall time {wall_s:.1f} s."]
