@@ -10,6 +10,9 @@ Both use the same output parameterisation (choose with ``preconditioning``):
 - ``"edm"`` (Karras et al., 2022): ``D = c_skip x + c_out F_θ``, ``s = (D − x)/σ²``,
   i.e. ``s = −x/(σ² + σ_data²) + σ_data F_θ/(σ sqrt(σ² + σ_data²))``: exact for
   zero-mean Gaussian data with ``F = 0``; the same ``1/σ`` behaviour at small σ.
+- ``"none"``: the raw output ``F_θ(c_in x, c_noise)`` itself, for networks that predict
+  something other than the score: a rectified-flow velocity ``v_θ(x_t, t)`` (with ``σ = t``;
+  wrap it in ``varred_diffusion.ScoreFromVelocity``), an ε- or x0-prediction.
 
 Rows are independent (no BatchNorm; GroupNorm normalises per sample), and no op is
 in-place, so ``torch.func.jvp`` / ``vmap`` work through both models.
@@ -37,7 +40,7 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "elu": nn.ELU,
     "sigmoid": nn.Sigmoid,
 }
-_PRECONDITIONINGS = ("ncsn", "edm")
+_PRECONDITIONINGS = ("ncsn", "edm", "none")
 
 
 def _activation(name: str) -> nn.Module:
@@ -97,6 +100,8 @@ class _Preconditioned(nn.Module):
         return torch.rsqrt(sigma**2 + self.sigma_data**2)
 
     def _score(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        if self.preconditioning == "none":
+            return out
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))  # [B] -> [B, 1, ...]
         if self.preconditioning == "ncsn":
             return out / s
@@ -133,7 +138,7 @@ class MLPScore(_Preconditioned):
         sigma_embedding: ``"fourier"`` (sinusoidal features of ``log σ/4``) or ``"log"``
             (the scalar ``log σ/4`` appended to the input).
         embedding_dim: size of the Fourier features.
-        preconditioning: ``"ncsn"`` or ``"edm"`` (see the module docstring).
+        preconditioning: ``"ncsn"``, ``"edm"`` or ``"none"`` (see the module docstring).
         sigma_data: data scale in ``c_in`` (and EDM's skip).
         generator: if given, parameters are drawn from it (see ``init_parameters``).
 

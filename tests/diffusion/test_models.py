@@ -57,6 +57,19 @@ def test_mlp_preconditioning_formulas(generator: torch.Generator) -> None:
     assert torch.allclose(edm(x, s), want, rtol=1e-12, atol=1e-12)
 
 
+def test_no_preconditioning_returns_the_raw_output(generator: torch.Generator) -> None:
+    """``"none"`` is NCSN's inner network without the 1/σ: F itself (e.g. a velocity)."""
+    ncsn = _mlp(torch.Generator().manual_seed(3), sigma_data=0.7)
+    raw = _mlp(torch.Generator().manual_seed(3), sigma_data=0.7, preconditioning="none")
+    x = torch.randn(5, 2, generator=generator, dtype=torch.float64)
+    s = torch.rand(5, generator=generator, dtype=torch.float64) + 0.05
+    torch.testing.assert_close(raw(x, s), ncsn(x, s) * s[:, None], rtol=1e-12, atol=1e-12)
+    unet = SmallUNet(base=8, preconditioning="none", generator=torch.Generator().manual_seed(1))
+    img, t = torch.randn(2, 1, 28, 28, generator=generator), torch.tensor([0.2, 0.9])
+    ref = SmallUNet(base=8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(unet(img, t), ref(img, t) * t[:, None, None, None])
+
+
 def test_mlp_float32_small_sigma_finite(generator: torch.Generator) -> None:
     net = MLPScore(2, generator=generator)
     out = net(torch.randn(8, 2, generator=generator), torch.full((8,), 1e-4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from varred_diffusion.experiments.techniques import (
     control_order,
     design_name,
     leaderboard_recipes,
+    objective_note,
 )
+from varred_diffusion.flow import ScoreFromVelocity
 from varred_diffusion.models import MLPScore
 from varred_diffusion.recipe import Recipe
 from varred_diffusion.sampling import LogUniformSigma, StratifiedSigma
@@ -126,3 +129,47 @@ def test_off_cpu_path_times_a_step_on_cpu_drawn_batches(tmp_path) -> None:
     ref = leaderboard_rows(ctx, p, rows)
     assert [r["variance"] for r in out] == [r["variance"] for r in ref]
     assert all(r["step_time_ratio"] > 0 for r in out)
+
+
+def _flow_problem(t_max: float = 0.999) -> Problem:
+    net = MLPScore(2, width=8, depth=2, preconditioning="none",
+                   generator=torch.Generator().manual_seed(0)).to(F64)  # fmt: skip
+    mix = ring8()
+    return Problem(
+        name="tiny-flow", model=ScoreFromVelocity(net),
+        sample_x=lambda n, g: mix.sample(n, g).to(F64), sigma_min=1e-3, sigma_max=t_max,
+        dtype=F64, batch=4, orders=(0,), units=6, units_high=3, expectation="exact",
+        timing_repeats=1, process="flow",
+    )  # fmt: skip
+
+
+def test_flow_rows_keep_the_uniform_t_objective_unless_named() -> None:
+    rows = leaderboard_recipes(_flow_problem())
+    assert rows[0][0] == "uniform t (plain flow matching)" and design_name(rows[0][1]) == "iid"
+    notes = {n: objective_note(r, rows[0][1]) for n, r in rows}
+    assert notes[rows[0][0]] == "same"
+    for n, note in notes.items():  # the name says when the objective changes, and only then
+        assert (note != "same") == ("objective changed" in n), (n, note)
+    assert notes["logit-normal t (SD3; objective changed)"] == "changed: σ density"
+    assert notes["Min-SNR-5 weighting, v form (objective changed)"] == "changed: weighting"
+    assert {control_order(r) for _, r in rows} == {None, 0}
+    dsm = dict(leaderboard_recipes(_problem()))
+    logit = dsm["logit-normal t (SD3) on the VE map, reweighted (δ = 0.1)"]
+    assert objective_note(logit) == "same"
+    with pytest.raises(ValueError, match="process: expected 've' or 'flow', got 'vp'"):
+        replace(_problem(), process="vp")
+
+
+def test_flow_c0_removes_the_noise_part_of_small_t_variance(tmp_path) -> None:
+    """At small t the FM loss is ≈ ‖v_0 + x − ε‖², whose ε-part C^0 is: the fitted-β gradient
+    variance falls below plain flow matching's (what is left is the data's part, x)."""
+    p = replace(_flow_problem(t_max=0.05), units=40)
+    ctx = Context(out=tmp_path, quick=True, progress=False)
+    names = ("uniform t (plain flow matching)", "FM C^0, scalar β", "antithetic ε")
+    out = {r["recipe"]: r for r in leaderboard_rows(
+        ctx, p, [r for r in leaderboard_recipes(p) if r[0] in names])}  # fmt: skip
+    assert out[names[0]]["variance_ratio"] == 1.0
+    c0 = out["FM C^0, scalar β"]
+    assert c0["objective"] == "same" and c0["control"] == "C0"
+    assert c0["variance_ratio"] + 3 * c0["variance_ratio_se"] < 1.0, c0
+    assert math.isfinite(out["antithetic ε"]["variance_ratio"])

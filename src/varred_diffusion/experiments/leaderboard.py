@@ -14,7 +14,8 @@ batches (given the fitted β); a row's batches are independent of the plain base
 the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method for a ratio of
 independent estimates); the baseline row is 1 by construction (SE 0).
 Problems: the 2-D toy (``MLPScore``) and MNIST (``SmallUNet``; skipped with a note when no
-IDX data is found).
+IDX data is found), each as a VE score model (DSM) and as a rectified-flow velocity model
+(flow matching, ``flow_problems``; the reference row there is plain flow matching).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from varred_diffusion.diagnostics import (
     unit_gradients,
 )
 from varred_diffusion.experiments.common import Context, run_job
+from varred_diffusion.experiments.flow_problems import mnist_flow_problem, toy_flow_problem
 from varred_diffusion.experiments.io import plus_minus, write_csv, write_json, write_markdown
 from varred_diffusion.experiments.mnist import mnist_problem
 from varred_diffusion.experiments.problem import Problem
@@ -54,7 +56,6 @@ from varred_diffusion.experiments.techniques import (
 from varred_diffusion.experiments.toysetup import ToyConfig, build_toy_job, make_mixture
 from varred_diffusion.jackknife import BlockSums, jackknife_stderr, resolve_num_blocks
 from varred_diffusion.recipe import Recipe
-from varred_diffusion.sampling import LogUniformSigma
 from varred_diffusion.training_step import TrainingStep
 
 __all__ = ["leaderboard_rows", "run_leaderboard", "toy_problem"]
@@ -77,7 +78,7 @@ def _params(p: Problem) -> list[torch.nn.Parameter]:
 
 def _step(p: Problem, recipe: Recipe) -> TrainingStep:
     """The recipe's step at θ (no validation: the harness draws well-formed batches)."""
-    return recipe.build(lambda a, b: p.model(a, b), _params(p), validate=False)
+    return recipe.build(p.model, _params(p), alpha=p.alpha, validate=False)
 
 
 def _draw(p: Problem, step: TrainingStep, g: torch.Generator) -> Batch:
@@ -173,7 +174,7 @@ def _step_time(p: Problem, recipe: Recipe) -> float:
     batch is drawn on the CPU as in the moment passes and the step gets ``(x, σ, ε)``.
     """
     m = copy.deepcopy(p.model)
-    step = recipe.build(lambda a, b: m(a, b), m.parameters())
+    step = recipe.build(m, m.parameters(), alpha=p.alpha)
     g = torch.Generator().manual_seed(0)
 
     def call() -> None:
@@ -187,8 +188,8 @@ def _step_time(p: Problem, recipe: Recipe) -> float:
 
 
 def _warm(ctx: Context, p: Problem, rows: list[Row]) -> list[Row]:
-    """The rows with each adaptive sampler replaced by a copy fed plain losses at θ."""
-    plain = _step(p, Recipe(sampler=LogUniformSigma(p.sigma_min, p.sigma_max)))
+    """The rows with each adaptive sampler replaced by a copy fed the reference's losses at θ."""
+    plain = _step(p, rows[0][1])
     warmed: dict[int, Any] = {}
     out = []
     for name, r in rows:
@@ -224,8 +225,9 @@ def leaderboard_rows(
     if rows is None:
         rows = leaderboard_recipes(p)
         if ctx.quick:
+            ref = rows[0][1]
             rows = [r for r in rows if (design_name(r[1]), control_order(r[1])) in QUICK_TECHNIQUES
-                    and r[1].weighting is None and r[1].target is None]  # fmt: skip
+                    and r[1].weighting is ref.weighting and r[1].target is None]  # fmt: skip
     if not rows or rows[0][1].control is not None:
         raise VarRedError("rows: expected the plain reference (no control) as the first row")
     rows = _warm(ctx, p, rows)
@@ -244,7 +246,7 @@ def leaderboard_rows(
         t = _step_time(p, recipe)
         if i == 0:
             base.update(var=var, se=var_se, t=t)
-        out.append(_row(p, name, recipe, kind, var, var_se, t, base, i == 0))
+        out.append(_row(p, name, recipe, kind, var, var_se, t, base, rows[0][1]))
     return out
 
 
@@ -255,8 +257,9 @@ def _pass_key(recipe: Recipe) -> tuple[str, ...]:
 
 def _row(
     p: Problem, name: str, recipe: Recipe, kind: str, var: float, var_se: float, t: float,
-    base: dict, is_base: bool = False,
+    base: dict, reference: Recipe,
 ) -> dict:  # fmt: skip
+    is_base = recipe is reference
     ratio = var / base["var"] if base["var"] > 0 else math.nan
     if is_base:  # the baseline against itself: 1 exactly
         ratio_se = 0.0
@@ -270,7 +273,7 @@ def _row(
         "variance": var, "variance_ratio": ratio,
         "step_time_ratio": t / base["t"], "efficiency": efficiency(base["var"], base["t"], var, t),
         "variance_se": var_se, "variance_ratio_se": ratio_se, "recipe": recipe.name or name,
-        "objective": objective_note(recipe),
+        "objective": objective_note(recipe, reference),
     }  # fmt: skip
 
 
@@ -301,12 +304,13 @@ def toy_problem(ctx: Context) -> Problem:
 def run_leaderboard(ctx: Context) -> dict[str, Any]:
     """Measure the toy (and MNIST when its data is found); write the table and summary."""
     t0 = time.perf_counter()
-    rows = leaderboard_rows(ctx, toy_problem(ctx))
+    rows = leaderboard_rows(ctx, toy_problem(ctx)) + leaderboard_rows(ctx, toy_flow_problem(ctx))
     notes: list[str] = []
-    try:
-        rows += leaderboard_rows(ctx, mnist_problem(ctx))
-    except VarRedError as exc:
-        notes.append(f"MNIST skipped: {exc}")
+    for label, make in (("MNIST", mnist_problem), ("MNIST flow matching", mnist_flow_problem)):
+        try:
+            rows += leaderboard_rows(ctx, make(ctx))
+        except VarRedError as exc:
+            notes.append(f"{label} skipped: {exc}")
     keep = ("problem", "design", "control", "beta", "variance", "variance_ratio", "variance_se",
             "variance_ratio_se", "recipe")  # fmt: skip
     det = [{k: v for k, v in r.items() if k in keep} for r in rows]

@@ -40,7 +40,14 @@ from varred_diffusion.models import SmallUNet
 from varred_diffusion.recipe import Recipe
 from varred_diffusion.sampling import log_uniform_sigma
 
-__all__ = ["MnistSettings", "control_recipe", "mnist_problem", "reverse_sde_sample", "run_mnist"]
+__all__ = [
+    "MnistSettings",
+    "control_recipe",
+    "mnist_images",
+    "mnist_problem",
+    "reverse_sde_sample",
+    "run_mnist",
+]
 
 Tensor = torch.Tensor
 
@@ -78,11 +85,12 @@ def _settings(ctx: Context) -> MnistSettings:
     return s
 
 
-def _data(ctx: Context, s: MnistSettings) -> Tensor:
+def mnist_images(ctx: Context, limit: int | None = None) -> Tensor:
+    """MNIST images ``[N, 1, 28, 28]`` in [-1, 1] from ``ctx.data_dir`` (train split if found)."""
     directory = find_data_dir(ctx.data_dir)
     split = "train" if find_split_files(directory, "train") else "test"
     print(f"mnist: {split} split of {directory}", file=sys.stderr)
-    return load_images(directory, split=split, limit=s.limit)
+    return load_images(directory, split=split, limit=limit)
 
 
 def _sigma(n: int, g: torch.Generator, s: MnistSettings) -> Tensor:
@@ -186,7 +194,7 @@ def run_mnist(ctx: Context) -> dict[str, Any]:
     """Train plain and controlled ``SmallUNet``; VR along training; samples; write outputs."""
     t0 = time.perf_counter()
     s = _settings(ctx)
-    images = _data(ctx, s)
+    images = mnist_images(ctx, s.limit)
     every = max(1, s.steps // s.snapshots)
     jobs = {}
     for controlled in (False, True):
@@ -271,7 +279,7 @@ def run_mnist(ctx: Context) -> dict[str, Any]:
 def mnist_problem(ctx: Context) -> Problem:
     """The leaderboard's MNIST problem: a briefly trained ``SmallUNet`` at fixed θ."""
     s = _settings(ctx)
-    images = _data(ctx, s)
+    images = mnist_images(ctx, s.limit)
     steps = 3 if ctx.quick else 100
     job = run_job(
         ctx,

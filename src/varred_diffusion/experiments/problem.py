@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from varred.errors import VarRedError
+from varred_diffusion.flow import RectifiedFlowSchedule
+
 __all__ = ["Problem"]
 
 Tensor = torch.Tensor
@@ -35,6 +38,9 @@ class Problem:
         expectation: how the Taylor controls' means are computed (``TaylorControl``).
         timing_repeats: step calls timed per technique (median).
         device: where the model runs; batches are drawn on the CPU and moved there.
+        process: ``"ve"`` (``x + σ ε``, a score model, σ log-uniform) or ``"flow"``
+            (rectified flow ``(1 − t) x + t ε`` with ``σ = t``, α = 1 − t; ``model`` is a
+            ``ScoreFromVelocity``, the objective uniform in t on ``[sigma_min, sigma_max]``).
     """
 
     name: str
@@ -51,3 +57,13 @@ class Problem:
     expectation: str = "auto"
     timing_repeats: int = 5
     device: str = "cpu"
+    process: str = "ve"
+
+    def __post_init__(self) -> None:
+        if self.process not in ("ve", "flow"):
+            raise VarRedError(f"process: expected 've' or 'flow', got {self.process!r}")
+
+    @property
+    def alpha(self) -> Callable[[Tensor], Tensor] | None:
+        """The steps' signal scale ``α(σ)``: ``1 − t`` for flow, ``None`` (α = 1) for VE."""
+        return RectifiedFlowSchedule().alpha if self.process == "flow" else None

@@ -4,7 +4,8 @@ Adding a technique = one part in one module (a sampler in ``sampling.py``, a con
 ``controls.py``, …) + one line in :func:`leaderboard_recipes`. Each row is measured by
 ``leaderboard.leaderboard_rows``; its labels (σ/ε design, control, β) are read off the
 recipe's parts here, so a row needs no special case in the harness. The first row is the
-reference every ratio is relative to: plain DSM (i.i.d. log-uniform σ and ε, no control).
+reference every ratio is relative to: plain DSM (i.i.d. log-uniform σ and ε, no control), or
+on a flow problem plain flow matching (i.i.d. uniform t and ε, no control).
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ import torch
 from varred.errors import VarRedError
 from varred.layout import CoefficientLayout
 from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler
-from varred_diffusion.bins import SigmaBins
-from varred_diffusion.controls import AntitheticPairs, TaylorControl
+from varred_diffusion.bins import LogSNRBins, SigmaBins
+from varred_diffusion.controls import AntitheticPairs, FlowTaylorControl, TaylorControl
+from varred_diffusion.experiments.flow_problems import plain_flow_recipe
 from varred_diffusion.experiments.problem import Problem
-from varred_diffusion.noise_levels import EDMLogNormal, LaplaceLogSNR
-from varred_diffusion.objective_densities import LogUniform
+from varred_diffusion.flow import RectifiedFlowSchedule, flow_matching_weighting
+from varred_diffusion.noise_levels import EDMLogNormal, LaplaceLogSNR, LogitNormal
+from varred_diffusion.objective_densities import LogUniform, Uniform
 from varred_diffusion.recipe import Recipe
 from varred_diffusion.sampling import ImportanceSigmaSampler, LogUniformSigma, StratifiedSigma
+from varred_diffusion.schedules import VESchedule
 from varred_diffusion.stf import StableTarget
 from varred_diffusion.stf_reference import FreshReference
 from varred_diffusion.weightings import EDMWeighting, MinSNRWeighting
@@ -34,6 +38,7 @@ __all__ = [
     "beta_kind",
     "control_order",
     "design_name",
+    "flow_recipes",
     "is_adaptive",
     "leaderboard_recipes",
     "objective_note",
@@ -52,24 +57,35 @@ QUICK_TECHNIQUES = frozenset({
 })  # fmt: skip
 
 
+def _layouts(p: Problem) -> dict[str, dict[str, Any]]:
+    """Recipe fields of each β kind; per-σ-bin β in log σ (VE) or log-SNR (flow) bins."""
+    lo, hi = p.sigma_min, p.sigma_max
+    bins = (LogSNRBins(lo, hi, p.num_bins, process="flow") if p.process == "flow"
+            else SigmaBins(lo, hi, p.num_bins))  # fmt: skip
+    return {
+        "unit": {"coefficient": 1.0},
+        "scalar": {"layout": CoefficientLayout("scalar")},
+        "element": {"layout": CoefficientLayout("element")},
+        "bin": {"layout": CoefficientLayout("element", groups=bins)},
+    }
+
+
 def leaderboard_recipes(p: Problem) -> list[Row]:
     """Every technique on problem ``p``: one ``(name, Recipe)`` per table row, reference first.
 
     Orders ``k`` not in ``p.orders`` are left out. The importance sampler is the cold one
-    here; the harness warms a copy at θ before measuring.
+    here; the harness warms a copy at θ before measuring. Flow problems get
+    :func:`flow_recipes`.
     """
+    if p.process == "flow":
+        return flow_recipes(p)
     lo, hi = p.sigma_min, p.sigma_max
     iid, strat = LogUniformSigma(lo, hi), StratifiedSigma(lo, hi)
     ld = StratifiedSigma(lo, hi, low_discrepancy=True)
     imp = ImportanceSigmaSampler(p.num_bins, lo, hi)
     pairs = AntitheticPairs()
     ck = {k: TaylorControl(order=k, expectation=p.expectation) for k in (0, 1, 2)}
-    beta: dict[str, dict[str, Any]] = {
-        "unit": {"coefficient": 1.0},
-        "scalar": {"layout": CoefficientLayout("scalar")},
-        "element": {"layout": CoefficientLayout("element")},
-        "bin": {"layout": CoefficientLayout("element", groups=SigmaBins(lo, hi, p.num_bins))},
-    }
+    beta = _layouts(p)
 
     def row(
         name: str, sampler: Any, control: Any = None, kind: str | None = None, **parts: Any
@@ -80,6 +96,7 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
     objective = LogUniform(lo, hi)  # the reweighted samplers keep the plain objective
     edm = EDMLogNormal(sigma_min=lo, sigma_max=hi, objective=objective, defensive=0.1)
     laplace = LaplaceLogSNR(sigma_min=lo, sigma_max=hi, objective=objective, defensive=0.1)
+    logit = LogitNormal(schedule=VESchedule(lo, hi), objective=objective, defensive=0.1)
     adaptive = AdaptiveSigmaSampler(p.num_bins, lo, hi, objective=objective)
 
     def stf(size: int, own: bool = True) -> StableTarget:  # references drawn i.i.d. from the data
@@ -95,6 +112,7 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
         row("stratified σ + antithetic ε", strat, pairs),
         row("EDM log-normal σ, reweighted (δ = 0.1)", edm),
         row("Laplace log-SNR σ, reweighted (δ = 0.1)", laplace),
+        row("logit-normal t (SD3) on the VE map, reweighted (δ = 0.1)", logit),
         row("Kingma–Gao adaptive σ", adaptive),
         row("STF target, R = 64 (+ own point)", iid, target=stf(64)),
         row("STF target, R = 256 (+ own point)", iid, target=stf(256)),
@@ -134,14 +152,64 @@ def leaderboard_recipes(p: Problem) -> list[Row]:
     return [r for r in rows if control_order(r[1]) in (None, *p.orders)]
 
 
-def objective_note(recipe: Recipe) -> str:
-    """``"same"`` when the row estimates the plain objective's gradient, else what changed."""
+def flow_recipes(p: Problem) -> list[Row]:
+    """Every technique on a flow problem (``p.process == "flow"``), plain flow matching first.
+
+    Each row keeps the FM loss (λ = ``flow_matching_weighting``) unless its name says the
+    objective changed; the reweighted samplers keep the uniform-t objective on
+    ``[p.sigma_min, p.sigma_max]``.
+    """
+    lo, hi = p.sigma_min, p.sigma_max
+    plain = plain_flow_recipe(lo, hi)
+    iid, uniform, rf = plain.sampler, Uniform(lo, hi), RectifiedFlowSchedule()
+    ck = {k: FlowTaylorControl(order=k, mean_method=p.expectation) for k in (0, 1, 2)}
+    beta = _layouts(p)
+
+    def row(name: str, sampler: Any, control: Any = None, kind: str | None = None,
+            weighting: Any = flow_matching_weighting) -> Row:  # fmt: skip
+        return name, Recipe(sampler=sampler, control=control, weighting=weighting, name=name,
+                            **beta.get(kind, {}))  # fmt: skip
+
+    logit = LogitNormal(t_min=lo, t_max=hi, objective=uniform, defensive=0.1)
+    laplace = LaplaceLogSNR(schedule=rf, sigma_min=lo, sigma_max=hi, objective=uniform,
+                            defensive=0.1)  # fmt: skip
+    adaptive = AdaptiveSigmaSampler(p.num_bins, lo, hi, objective=uniform)
+    rows = [
+        (plain.name, plain),
+        row("antithetic ε", iid, AntitheticPairs()),
+        row("logit-normal t (SD3), reweighted (δ = 0.1)", logit),
+        row("logit-normal t (SD3; objective changed)", LogitNormal(t_min=lo, t_max=hi)),
+        row("Laplace log-SNR t, reweighted (δ = 0.1)", laplace),
+        row("Kingma–Gao adaptive t", adaptive),
+        row(
+            "Min-SNR-5 weighting, v form (objective changed)",
+            iid,
+            weighting=MinSNRWeighting(5.0, schedule=rf),
+        ),
+        *[
+            row(f"FM C^{k}, {BETA_NAMES[b]}", iid, ck[k], b)
+            for k in (0, 1, 2)
+            for b in ("unit", "scalar", "element", "bin")
+        ],
+        row("antithetic ε + FM C^0, per-σ-bin β", iid, AntitheticPairs(ck[0]), "bin"),
+        row("logit-normal t, reweighted + FM C^0, per-σ-bin β", logit, ck[0], "bin"),
+    ]
+    return [r for r in rows if control_order(r[1]) in (None, *p.orders)]
+
+
+def objective_note(recipe: Recipe, reference: Recipe | None = None) -> str:
+    """``"same"`` when the row estimates the reference objective's gradient, else what changed.
+
+    ``reference``: the first row (plain DSM by default: log-uniform σ, λ = σ²). A row with
+    the reference's weighting and sampler changes neither.
+    """
     notes = []
-    if recipe.weighting is not None:
+    if recipe.weighting is not (None if reference is None else reference.weighting):
         notes.append("weighting")
     if recipe.target is not None and not getattr(recipe.target, "include_batch", False):
         notes.append("target biased O(1/R)")
-    if getattr(recipe.sampler, "changes_objective", False):
+    same_sampler = reference is not None and recipe.sampler is reference.sampler
+    if getattr(recipe.sampler, "changes_objective", False) and not same_sampler:
         notes.append("σ density")
     return "same" if not notes else "changed: " + ", ".join(notes)
 
@@ -173,7 +241,7 @@ def design_name(recipe: Recipe) -> str:
         name = "low_discrepancy" if s.low_discrepancy else "stratified"
     elif isinstance(s, ImportanceSigmaSampler):
         name = "importance"
-    elif type(s) is LogUniformSigma:
+    elif type(s) in (LogUniformSigma, Uniform):  # i.i.d. from the (VE / flow) objective
         name = "iid"
     elif s is None:
         raise VarRedError(f"recipe {recipe.name!r}: expected a sampler, got None")
