@@ -282,19 +282,31 @@ def variance_ratio_by_sigma(
     return out
 
 
-def time_per_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time (seconds) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+def time_per_call(
+    fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, clock: str = "wall"
+) -> float:
+    """Median time (seconds) of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    ``clock``: ``"wall"`` (``time.perf_counter``, CUDA synchronised) or ``"cpu"`` (this
+    process's CPU time, ``time.process_time``: on a CPU run it counts the work done, not the
+    other processes sharing the cores, so ratios of two such times survive a loaded machine;
+    with several torch threads it sums their time). ``"cpu"`` cannot time GPU work.
+    """
+    if clock not in ("wall", "cpu"):
+        raise VarRedError(f"clock: expected 'wall' or 'cpu', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.process_time
+    sync = torch.cuda.is_available() and clock == "wall"
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        if torch.cuda.is_available():
+        if sync:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(now() - t0)
     times.sort()
     return times[len(times) // 2]
 

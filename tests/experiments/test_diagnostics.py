@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from varred_diffusion.diagnostics import (
     fit_coefficients,
     gradient_variance_ratio,
     per_sample_gradients,
+    time_per_call,
     unit_gradients,
     variance_ratio_by_sigma,
 )
@@ -293,3 +295,15 @@ def test_ratio_stderr_is_calibrated(generator):
     assert 0.1 < float(r.mean()) < 0.9  # a ratio well inside (0, 1): not a degenerate case
     q = float(se.mean() / r.std())
     assert 0.7 < q < 1.4, f"mean SE {float(se.mean()):.4g} vs SD {float(r.std()):.4g}"
+
+
+def test_time_per_call_cpu_clock_counts_work_not_waiting() -> None:
+    """A sleeping call costs ~0 CPU time but its full wall time; a bad clock is refused."""
+
+    def nap() -> None:
+        time.sleep(0.02)
+
+    assert time_per_call(nap, repeats=3, warmup=0, clock="wall") >= 0.02
+    assert time_per_call(nap, repeats=3, warmup=0, clock="cpu") < 0.01
+    with pytest.raises(VarRedError, match="clock: expected 'wall' or 'cpu', got 'gpu'"):
+        time_per_call(nap, clock="gpu")

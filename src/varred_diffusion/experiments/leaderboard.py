@@ -169,6 +169,9 @@ def _measure(ctx: Context, p: Problem, group: list[Recipe]) -> _Pass:
 def _step_time(p: Problem, recipe: Recipe) -> float:
     """Median seconds of one real step of the recipe (sampling, loss, control, ``p.grad``).
 
+    On the CPU the seconds are this process's CPU time (``time_per_call(clock="cpu")``), so
+    the ratios between rows do not depend on what else runs on the machine.
+
     On the CPU the step draws σ and ε itself (``step(x, generator=g)``). Elsewhere the
     samplers' CPU draws and a device generator for ε cannot share one generator, so the
     batch is drawn on the CPU as in the moment passes and the step gets ``(x, σ, ε)``.
@@ -184,7 +187,10 @@ def _step_time(p: Problem, recipe: Recipe) -> float:
             batch = _draw(p, step, g)
             step(batch.x, batch.sigma, batch.noise)
 
-    return time_per_call(call, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0)
+    clock = "cpu" if p.device == "cpu" else "wall"  # CPU time: robust to other processes
+    return time_per_call(
+        call, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0, clock=clock
+    )
 
 
 def _warm(ctx: Context, p: Problem, rows: list[Row]) -> list[Row]:
@@ -321,7 +327,8 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
     lines = ["# leaderboard: variance, cost and efficiency of every technique", "",
              "Variance ratio = tr Cov of the minibatch gradient / that of plain DSM (i.i.d. σ and ε, "
              "no control), same θ and batch size; β fitted on independent batches. "
-             "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run. "
+             "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run "
+             "(process CPU time on the CPU, wall-clock on a GPU). "
              "± is the standard error of the variance ratio (jackknife over evaluation batches, "
              "given the fitted β).", "",
              "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency | objective | recipe |",
