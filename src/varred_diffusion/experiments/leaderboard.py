@@ -7,8 +7,8 @@ sampler draws σ and its weights, antithetic pairs pair rows), ``step.losses``,
 ``step.controls``. Its variance ``tr Cov[ĝ_B]`` is measured over independent batches (β
 fitted on other batches, by the kind the recipe's layout names), relative to the first
 row, plain DSM. Rows that share a sampler and a control share one moment pass. The step
-time of each row is that of a real ``recipe.build(...)`` step in the same run; efficiency
-= (Var_plain · t_plain)/(Var · t). Adaptive samplers are warmed at θ with plain losses first.
+time of each row is that of a real ``recipe.build(...)`` step in the same run, timed in
+turns with a plain step; efficiency = (Var_plain · t_plain)/(Var · t). Adaptive samplers are warmed at θ with plain losses first.
 Standard errors: each variance gets a delete-one-block jackknife SE over its evaluation
 batches (given the fitted β); a row's batches are independent of the plain baseline's, so
 the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method for a ratio of
@@ -166,31 +166,38 @@ def _measure(ctx: Context, p: Problem, group: list[Recipe]) -> _Pass:
     return _Pass(var, dict(zip(betas, _stderrs(sums, len(betas)))))
 
 
-def _step_time(p: Problem, recipe: Recipe) -> float:
-    """Median seconds of one real step of the recipe (sampling, loss, control, ``p.grad``).
+def _step_times(p: Problem, recipe: Recipe, reference: Recipe) -> tuple[float, float]:
+    """Median seconds of one real step of ``recipe`` and of ``reference``, timed in turns.
 
-    On the CPU the seconds are this process's CPU time (``time_per_call(clock="cpu")``), so
-    the ratios between rows do not depend on what else runs on the machine.
+    A step is sampling, loss, control and ``p.grad``. The two steps alternate call by call,
+    so a slow stretch of the machine slows both and their ratio survives it. On the CPU the
+    seconds are this process's CPU time (``time_per_call(clock="cpu")``).
 
     On the CPU the step draws σ and ε itself (``step(x, generator=g)``). Elsewhere the
     samplers' CPU draws and a device generator for ε cannot share one generator, so the
     batch is drawn on the CPU as in the moment passes and the step gets ``(x, σ, ε)``.
     """
-    m = copy.deepcopy(p.model)
-    step = recipe.build(m, m.parameters(), alpha=p.alpha)
-    g = torch.Generator().manual_seed(0)
-
-    def call() -> None:
-        if p.device == "cpu":
-            step(p.sample_x(p.batch, g), generator=g)
-        else:
-            batch = _draw(p, step, g)
-            step(batch.x, batch.sigma, batch.noise)
-
     clock = "cpu" if p.device == "cpu" else "wall"  # CPU time: robust to other processes
-    return time_per_call(
-        call, repeats=p.timing_repeats, warmup=1 if p.timing_repeats > 1 else 0, clock=clock
-    )
+    calls = []
+    for r in (recipe, reference):
+        m = copy.deepcopy(p.model)
+        step, g = r.build(m, m.parameters(), alpha=p.alpha), torch.Generator().manual_seed(0)
+
+        def call(step: Any = step, g: torch.Generator = g) -> None:
+            if p.device == "cpu":
+                step(p.sample_x(p.batch, g), generator=g)
+            else:
+                batch = _draw(p, step, g)
+                step(batch.x, batch.sigma, batch.noise)
+
+        calls.append(call)
+    warmup = 1 if p.timing_repeats > 1 else 0
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(p.timing_repeats):
+        for call, out in zip(calls, times):
+            out.append(time_per_call(call, repeats=1, warmup=warmup, clock=clock))
+        warmup = 0
+    return tuple(sorted(t)[len(t) // 2] for t in times)  # type: ignore[return-value]
 
 
 def _warm(ctx: Context, p: Problem, rows: list[Row]) -> list[Row]:
@@ -249,10 +256,12 @@ def leaderboard_rows(
             passes[key] = _measure(ctx, p, group)
         kind = "-" if control_order(recipe) is None else beta_kind(recipe)[0]
         var, var_se = passes[key].variances[kind], passes[key].stderrs[kind]
-        t = _step_time(p, recipe)
+        t, t_ref = _step_times(p, recipe, rows[0][1])
         if i == 0:
-            base.update(var=var, se=var_se, t=t)
-        out.append(_row(p, name, recipe, kind, var, var_se, t, base, rows[0][1]))
+            base.update(var=var, se=var_se)
+        # the ratio to the reference timed alongside this row, not to row 0's own timing
+        row_base = dict(base, t=t if i == 0 else t_ref)
+        out.append(_row(p, name, recipe, kind, var, var_se, t, row_base, rows[0][1]))
     return out
 
 
@@ -328,7 +337,8 @@ def run_leaderboard(ctx: Context) -> dict[str, Any]:
              "Variance ratio = tr Cov of the minibatch gradient / that of plain DSM (i.i.d. σ and ε, "
              "no control), same θ and batch size; β fitted on independent batches. "
              "Efficiency = (Var_plain · t_plain)/(Var · t), t = measured step time in this run "
-             "(process CPU time on the CPU, wall-clock on a GPU). "
+             "(process CPU time on the CPU, wall-clock on a GPU; each row's steps alternate "
+             "with plain's, median of each). "
              "± is the standard error of the variance ratio (jackknife over evaluation batches, "
              "given the fitted β).", "",
              "| problem | σ/ε design | control | β | variance ratio | step time ratio | efficiency | objective | recipe |",
