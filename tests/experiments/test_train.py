@@ -79,6 +79,18 @@ def test_merge_equals_one_run(tmp_path):
         merge_results([tmp_path / "a", tmp_path / "nowhere"], tmp_path / "x", dpi=40)
     assert not (tmp_path / "x").exists()  # nothing half-done written
 
+    # Seeds added later: seed 0 now, seed 1 in another run (first_seed=1), one report.
+    for k in (0, 1):
+        run_train(ctx(f"s{k}", recipes=["importance σ"],
+                      train_settings={"images": 16, "modes": ("images",), "seeds": 1,
+                                      "first_seed": k}))  # fmt: skip
+    later = merge_results([tmp_path / "s0", tmp_path / "s1"], tmp_path / "s", dpi=40)
+    assert to_jsonable(numbers(later["table"])) == to_jsonable(numbers(one["table"]))
+    assert later["settings"]["seed_list"] == [0, 1]
+    assert "seeds 0, 1" in (tmp_path / "s" / "summary.md").read_text()
+    with pytest.raises(VarRedError, match="in both"):  # seed 1 twice
+        merge_results([tmp_path / "one", tmp_path / "s1"], tmp_path / "x", dpi=40)
+
 
 def test_train_needs_plain(tmp_path):
     ctx = Context(out=tmp_path, quick=True)
@@ -98,6 +110,10 @@ def test_default_recipes_are_the_issue_list():
 def test_settings_refuse_unknown_clock_and_modes():
     with pytest.raises(VarRedError, match="clock"):
         TrainSettings(clock="gpu")
+    with pytest.raises(VarRedError, match="first_seed"):
+        TrainSettings(first_seed=-1)
+    with pytest.raises(VarRedError, match="seeds"):
+        TrainSettings(seeds=0)
     with pytest.raises(VarRedError, match="modes"):
         TrainSettings(modes=("epochs",))
     with pytest.raises(VarRedError, match="modes"):

@@ -62,6 +62,8 @@ class TrainSettings:
     sigma_min: float = 0.01
     sigma_max: float = 10.0
     seeds: int = 3
+    #: seeds run: ``first_seed, ..., first_seed + seeds - 1`` (more seeds later, then merge)
+    first_seed: int = 0
     budget_s: float = 1200.0
     images: int = 200_000
     eval_every: int = 200
@@ -79,6 +81,9 @@ class TrainSettings:
     modes: tuple[str, ...] = ("wallclock", "images")
 
     def __post_init__(self) -> None:
+        if self.seeds < 1 or self.first_seed < 0:
+            raise VarRedError(f"seeds, first_seed: expected seeds >= 1 and first_seed >= 0, "
+                              f"got {self.seeds} and {self.first_seed}")  # fmt: skip
         if self.clock not in ("auto", "cpu", "wall"):
             raise VarRedError(f"clock: expected 'auto', 'cpu' or 'wall', got {self.clock!r}")
         bad = [m for m in self.modes if m not in ("wallclock", "images")]
@@ -253,11 +258,11 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings,
     curves, finals = [], []
     for mode in s.modes:
         for name, recipe in recipes.items():
-            for seed in range(s.seeds):
+            for seed in range(s.first_seed, s.first_seed + s.seeds):
                 rows, final = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
                 curves += rows
                 finals.append(final)
-    table = summarise(curves, finals, list(recipes), s.seeds, s.modes) if "plain" in recipes else []
+    table = summarise(curves, finals, list(recipes), s.modes) if "plain" in recipes else []
     clock = "cpu" if s.timer(ctx.device) is time.process_time else "wall"
     return {"settings": asdict(s), "clock": clock, "curves": curves, "finals": finals,
             "table": table}  # fmt: skip

@@ -7,7 +7,7 @@ it, and the final validation loss and Fréchet distance, each as mean ± standar
 over seeds. :func:`write_report` writes ``curves.csv``, ``final.csv``, ``results.json``,
 ``quality_vs_wallclock.png``, ``quality_vs_images.png`` and ``summary.md``.
 :func:`merge_results` joins runs made in parallel (one process or machine per group of
-recipes, identical settings, ``plain`` in exactly one of them) into one report.
+recipes, identical settings but their seeds, ``plain`` in at least one) into one report.
 """
 
 from __future__ import annotations
@@ -49,9 +49,13 @@ def _mean_se(v: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(v), se
 
 
-def summarise(curves: list[dict], finals: list[dict], names: Sequence[str], seeds: int,
+def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
               modes: Sequence[str]) -> list[dict]:  # fmt: skip
-    """Per budget and recipe: time / images to plain's final validation loss, finals."""
+    """Per budget and recipe: time / images to plain's final validation loss, finals.
+
+    The seeds are those each recipe ran (``runs``), so merged runs whose recipes ran on
+    different seeds each count their own.
+    """
     table = []
     for mode in modes:
         plain = [f["val_loss"] for f in finals if f["mode"] == mode and f["recipe"] == "plain"]
@@ -59,15 +63,15 @@ def summarise(curves: list[dict], finals: list[dict], names: Sequence[str], seed
             raise VarRedError(f"finals: expected runs of 'plain' for budget {mode!r}, got none")
         target = statistics.fmean(plain)
         for name in names:
-            per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, k, mode)]
-                        for k in range(seeds)]  # fmt: skip
+            fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
+            per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, f["seed"], mode)]
+                        for f in fin]  # fmt: skip
             t = [_time_to(rows, target) for rows in per_seed]
             n_img = [_time_to(rows, target, "images") for rows in per_seed]
-            fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
             table.append({"mode": mode, "recipe": name, "target_val_loss": target,
                           "time_to_target_s": _mean_se(t),
                           "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
-                          "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
+                          "runs": len(fin), "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
                           "final_frechet": _mean_se([f["frechet"] for f in fin]),
                           "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
     return table
@@ -91,6 +95,13 @@ def _names(finals: list[dict]) -> list[str]:
     """Recipe names in the order they ran, plain first."""
     names = list(dict.fromkeys(f["recipe"] for f in finals))
     return sorted(names, key=lambda n: n != "plain")
+
+
+def _seed_text(s: dict[str, Any]) -> str:
+    first = s.get("first_seed", 0)
+    if "seed_list" in s:
+        return f"seeds {', '.join(map(str, s['seed_list']))}"
+    return f"{s['seeds']} seeds" if first == 0 else f"seeds {first}–{first + s['seeds'] - 1}"
 
 
 def write_report(
@@ -122,8 +133,8 @@ def write_report(
         "images": f"{s['images']} images",
     }
     lines = [f"# train: time to quality on {s['dataset']}", "",
-             f"SmallUNet base {s['base']}, batch {s['batch']}, Adam lr {s['lr']}, {s['seeds']} "
-             f"seeds; budgets: {'; '.join(budgets[m] for m in s['modes'])}; validation loss on "
+             f"SmallUNet base {s['base']}, batch {s['batch']}, Adam lr {s['lr']}, {_seed_text(s)}; "
+             f"budgets: {'; '.join(budgets[m] for m in s['modes'])}; validation loss on "
              f"{s['val_sigmas']} log-spaced σ × {s['val_size']} held-out images; {fd_text}. "
              "Target: the mean over seeds of plain's final validation loss (so plain itself "
              "reaches it in about half its seeds). Mean ± standard error over seeds.", ""]  # fmt: skip
@@ -136,7 +147,7 @@ def write_report(
     for r in res["table"]:
         lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
                      f"{plus_minus(*r['images_to_target'])} | "
-                     f"{r['reached']}/{s['seeds']} | {plus_minus(*r['images'], '.3g')} | "
+                     f"{r['reached']}/{r.get('runs', s['seeds'])} | {plus_minus(*r['images'], '.3g')} | "
                      f"{plus_minus(*r['final_val_loss'], '.4g')} | "
                      f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
     if wall_s is not None:
@@ -147,7 +158,11 @@ def write_report(
 
 
 def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, Any]:
-    """One report from runs of the same settings made apart (``plain`` in exactly one)."""
+    """One report from runs of the same settings made apart (``plain`` in at least one).
+
+    The runs may differ in their seeds (``seeds``, ``first_seed``: more seeds added later),
+    nothing else; each recipe, seed and budget must come from one run only.
+    """
     if len(dirs) < 2:
         raise VarRedError(f"merge: expected at least two run directories, got {list(dirs)}")
     runs = []
@@ -155,14 +170,17 @@ def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, 
         path = Path(d) / "results.json"
         if not path.is_file():
             raise VarRedError(f"merge: expected {path} (a varred-repro train output), not found")
-        runs.append(json.loads(path.read_text()))
+        r = json.loads(path.read_text())
+        r["settings"].setdefault("first_seed", 0)  # runs written before first_seed existed
+        runs.append(r)
     first = runs[0]
+    free = {"seeds", "first_seed", "seed_list"}
     for d, r in zip(dirs[1:], runs[1:], strict=True):
-        keys = sorted(set(first["settings"]) | set(r["settings"]))
+        keys = sorted((set(first["settings"]) | set(r["settings"])) - free)
         diff = [k for k in keys if first["settings"].get(k) != r["settings"].get(k)]
         if diff or r["clock"] != first["clock"]:
             raise VarRedError(f"merge: {d} differs from {dirs[0]} in {diff or ['clock']}; "
-                              "expected runs of identical settings")  # fmt: skip
+                              "expected runs of identical settings (seeds aside)")  # fmt: skip
     seen: dict[tuple, str] = {}
     for d, r in zip(dirs, runs, strict=True):
         for f in r["finals"]:
@@ -171,11 +189,12 @@ def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, 
                 raise VarRedError(f"merge: {key} is in both {seen[key]} and {d}; expected each "
                                   "recipe, seed and budget in one run")  # fmt: skip
             seen[key] = str(d)
-    s = first["settings"]
-    s["modes"] = tuple(s["modes"])
     curves = [c for r in runs for c in r["curves"]]
     finals = [f for r in runs for f in r["finals"]]
+    seeds = sorted({f["seed"] for f in finals})
+    s = dict(first["settings"], seeds=len(seeds), first_seed=seeds[0], seed_list=seeds)
+    s["modes"] = tuple(s["modes"])
     res = {"settings": s, "clock": first["clock"], "curves": curves, "finals": finals,
-           "table": summarise(curves, finals, _names(finals), s["seeds"], s["modes"])}  # fmt: skip
+           "table": summarise(curves, finals, _names(finals), s["modes"])}  # fmt: skip
     write_report(out, res, dpi, sources=dirs)
     return res
