@@ -126,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                 default=None,
                 help="images seen per recipe and seed in the equal-images runs",
             )
-            p.add_argument("--seeds", type=int, default=None, help="seeds (default 3; --set first_seed=N runs seeds N, N+1, ...)")
+            p.add_argument(
+                "--seeds",
+                type=int,
+                default=None,
+                help="seeds (default 3; --set first_seed=N runs seeds N, N+1, ...)",
+            )
             p.add_argument(
                 "--fd-count",
                 type=int,
