@@ -87,7 +87,8 @@ def test_merge_equals_one_run(tmp_path):
     later = merge_results([tmp_path / "s0", tmp_path / "s1"], tmp_path / "s", dpi=40)
     assert to_jsonable(numbers(later["table"])) == to_jsonable(numbers(one["table"]))
     assert later["settings"]["seed_list"] == [0, 1]
-    assert "seeds 0, 1" in (tmp_path / "s" / "summary.md").read_text()
+    assert "2 seeds;" in (tmp_path / "s" / "summary.md").read_text()
+    assert "1 seed (1)" in (tmp_path / "s1" / "summary.md").read_text()
     with pytest.raises(VarRedError, match="in both"):  # seed 1 twice
         merge_results([tmp_path / "one", tmp_path / "s1"], tmp_path / "x", dpi=40)
 

@@ -99,9 +99,14 @@ def _names(finals: list[dict]) -> list[str]:
 
 def _seed_text(s: dict[str, Any]) -> str:
     first = s.get("first_seed", 0)
-    if "seed_list" in s:
-        return f"seeds {', '.join(map(str, s['seed_list']))}"
-    return f"{s['seeds']} seeds" if first == 0 else f"seeds {first}–{first + s['seeds'] - 1}"
+    seeds = s.get("seed_list", list(range(first, first + s["seeds"])))
+    if len(seeds) == 1:
+        return f"1 seed ({seeds[0]})"
+    return (
+        f"{len(seeds)} seeds"
+        if seeds == list(range(len(seeds)))
+        else (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})")
+    )
 
 
 def write_report(
