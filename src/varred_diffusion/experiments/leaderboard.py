@@ -8,7 +8,8 @@ sampler draws σ and its weights, antithetic pairs pair rows), ``step.losses``,
 fitted on other batches, by the kind the recipe's layout names), relative to the first
 row, plain DSM. Rows that share a sampler and a control share one moment pass. The step
 time of each row is that of a real ``recipe.build(...)`` step in the same run, timed in
-turns with a plain step; efficiency = (Var_plain · t_plain)/(Var · t). Adaptive samplers are warmed at θ with plain losses first.
+turns with a plain step; efficiency = (Var_plain · t_plain)/(Var · t). Adaptive samplers
+are warmed at θ with plain losses first.
 Standard errors: each variance gets a delete-one-block jackknife SE over its evaluation
 batches (given the fitted β); a row's batches are independent of the plain baseline's, so
 the ratio's SE is ``R·sqrt((SE_V/V)² + (SE_base/V_base)²)`` (delta method for a ratio of

@@ -98,15 +98,13 @@ def _names(finals: list[dict]) -> list[str]:
 
 
 def _seed_text(s: dict[str, Any]) -> str:
-    first = s.get("first_seed", 0)
+    first = s.get("first_seed", 0)  # absent in runs written before first_seed existed
     seeds = s.get("seed_list", list(range(first, first + s["seeds"])))
     if len(seeds) == 1:
         return f"1 seed ({seeds[0]})"
-    return (
-        f"{len(seeds)} seeds"
-        if seeds == list(range(len(seeds)))
-        else (f"{len(seeds)} seeds ({', '.join(map(str, seeds))})")
-    )
+    if seeds == list(range(len(seeds))):
+        return f"{len(seeds)} seeds"
+    return f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
 
 
 def write_report(
@@ -152,7 +150,7 @@ def write_report(
     for r in res["table"]:
         lines.append(f"| {r['mode']} | {r['recipe']} | {plus_minus(*r['time_to_target_s'])} | "
                      f"{plus_minus(*r['images_to_target'])} | "
-                     f"{r['reached']}/{r.get('runs', s['seeds'])} | {plus_minus(*r['images'], '.3g')} | "
+                     f"{r['reached']}/{r['runs']} | {plus_minus(*r['images'], '.3g')} | "
                      f"{plus_minus(*r['final_val_loss'], '.4g')} | "
                      f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
     if wall_s is not None:
@@ -175,9 +173,7 @@ def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, 
         path = Path(d) / "results.json"
         if not path.is_file():
             raise VarRedError(f"merge: expected {path} (a varred-repro train output), not found")
-        r = json.loads(path.read_text())
-        r["settings"].setdefault("first_seed", 0)  # runs written before first_seed existed
-        runs.append(r)
+        runs.append(json.loads(path.read_text()))
     first = runs[0]
     free = {"seeds", "first_seed", "seed_list"}
     for d, r in zip(dirs[1:], runs[1:], strict=True):
