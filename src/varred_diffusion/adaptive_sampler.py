@@ -23,12 +23,14 @@ The proposal is ``E[ℓ]``-proportional (Kingma & Gao), not ``sqrt(E[ℓ²])`` a
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from varred.errors import VarRedError, shape_str
+from varred.gradient_inputs import allreduce, resolve_process_group
 from varred_diffusion.bins import SigmaBins
 from varred_diffusion.objective_densities import LogUniform, ObjectiveDensity, open_uniform
 
@@ -47,11 +49,16 @@ class AdaptiveSigmaSampler:
         objective: the density ``p`` to keep (``log_prob``); ``None``: ``LogUniform(σ_min, σ_max)``.
         decay: EMA factor of each bin's running mean loss per update, in ``[0, 1)``.
         floor: mixture weight ``f ∈ (0, 1]`` of ``p`` itself (log-uniform ``p``: weights ``≤ 1/f``).
+        process_group: ``None`` (local statistics), ``"default"`` (the initialised default
+            group) or a process group: ``update`` then sums every rank's per-bin losses and
+            counts in one all-reduce of ``2K + 1`` floats, so all ranks hold the state of one
+            process that saw the global batch (per-rank batch sizes may differ).
 
     ``changes_objective`` is ``False``: the weights keep ``objective``. Losses passed to
     ``update`` should be the nonnegative per-sample losses whose ``p``-mean you train on
     (negative bin means are clamped to 0; the floor keeps such bins sampled).
-    Not synchronised under DDP: call ``update`` with all ranks' ``(σ, ℓ)`` yourself.
+    Under DDP give ``process_group`` (every rank must call ``update`` each time), and use a
+    different generator per rank in ``sample``.
 
     Example:
         >>> sam = AdaptiveSigmaSampler(8, 0.01, 10.0)
@@ -71,6 +78,7 @@ class AdaptiveSigmaSampler:
         objective: ObjectiveDensity | None = None,
         decay: float = 0.99,
         floor: float = 0.1,
+        process_group: Any = None,
     ) -> None:
         self.bins = SigmaBins(sigma_min, sigma_max, num_bins)
         if not 0.0 <= decay < 1.0:
@@ -92,6 +100,7 @@ class AdaptiveSigmaSampler:
                 f"objective: its support {tuple(sup)} must lie inside [{sigma_min}, {sigma_max}]"
             )
         self.objective = objective
+        self.process_group = process_group
         self.objective_mass = self._bin_masses()  # [K]
         self._sums = torch.zeros(num_bins, dtype=F64)
         self._counts = torch.zeros(num_bins, dtype=F64)
@@ -178,7 +187,9 @@ class AdaptiveSigmaSampler:
         """Fold per-sample ``losses`` ``[B]`` at ``sigma`` ``[B]`` into each bin's running mean.
 
         Per bin with new samples: ``S_b ← decay·S_b + Σ ℓ``, ``N_b ← decay·N_b + n_b``,
-        mean ``S_b/N_b`` (detached, float64, on the host).
+        mean ``S_b/N_b`` (detached, float64, on the host). With ``process_group`` the sums
+        and counts are every rank's; a NaN/Inf on any rank raises on all of them, and the
+        state is left unchanged.
         """
         if sigma.ndim != 1 or losses.shape != sigma.shape:
             raise VarRedError(
@@ -186,12 +197,22 @@ class AdaptiveSigmaSampler:
             )
         s = sigma.detach().to(F64).cpu()
         ell = losses.detach().to(F64).cpu()
-        if not bool(torch.isfinite(ell).all() & torch.isfinite(s).all()):
-            raise VarRedError("losses: expected finite losses and sigma, got NaN/Inf values")
-        idx = self.bins.index(s)
+        finite = torch.isfinite(ell) & torch.isfinite(s)
+        bad = (~finite).sum().to(F64).reshape(1)
+        idx = self.bins.index(torch.where(finite, s, self.bins.sigma_min))
         k = self.num_bins
-        sums = torch.bincount(idx, weights=ell, minlength=k)
+        sums = torch.bincount(idx, weights=torch.where(finite, ell, 0.0), minlength=k)
         counts = torch.bincount(idx, minlength=k).to(F64)
+        active, pg = resolve_process_group(self.process_group)
+        if active:  # one collective, on the losses' device (CUDA under NCCL, host under gloo)
+            dev = losses.device
+            xs = allreduce(active, pg, [sums.to(dev), counts.to(dev), bad.to(dev)])
+            sums, counts, bad = (x.cpu() for x in xs)
+        if float(bad) > 0:
+            raise VarRedError(
+                f"losses: expected finite losses and sigma, got {int(bad)} NaN/Inf values "
+                "(over all ranks); the running means are left unchanged"
+            )
         seen = counts > 0
         self._sums = torch.where(seen, self.decay * self._sums + sums, self._sums)
         self._counts = torch.where(seen, self.decay * self._counts + counts, self._counts)

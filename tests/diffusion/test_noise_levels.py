@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from varred.errors import VarRedError
+from varred.testing import run_distributed
 from varred_diffusion.adaptive_sampler import AdaptiveSigmaSampler
 from varred_diffusion.flow import RectifiedFlowSchedule
 from varred_diffusion.noise_levels import EDMLogNormal, LaplaceLogSNR, LogitNormal
@@ -269,3 +271,47 @@ def test_open_uniform_and_dtype(generator: torch.Generator) -> None:
     assert bool(((u > 0) & (u < 1)).all())
     s, w = LogitNormal().sample(8, generator)
     assert s.dtype == w.dtype == torch.float32 and bool(((s > 0) & (s < 1)).all())
+
+
+_RANK_BATCH = (7, 3)  # unequal per-rank batch sizes
+
+
+def _rank_draw(rank: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.exp(torch.rand(_RANK_BATCH[rank], generator=gen, dtype=F64) * 6.9 - 4.6)
+    return s, s**2 + rank + torch.rand(s.shape, generator=gen, dtype=F64)
+
+
+def _adaptive_worker(rank: int, world_size: int, outdir: str) -> None:
+    sam = AdaptiveSigmaSampler(6, 0.01, 10.0, decay=0.8, process_group="default")
+    gen = torch.Generator().manual_seed(200 + rank)  # a different local batch per rank
+    for _ in range(5):
+        sam.update(*_rank_draw(rank, gen))
+    bad = torch.tensor([1.0, math.nan, 2.0][: 3 - 2 * rank], dtype=F64)  # NaN on rank 0 only
+    before = sam.state_dict()
+    try:
+        sam.update(torch.full(bad.shape, 0.5, dtype=F64), bad)
+        raised = False
+    except VarRedError:
+        raised = True
+    same = all(torch.equal(before[k], sam.state_dict()[k]) for k in before)
+    torch.save({**sam.state_dict(), "raised": raised, "same": same}, f"{outdir}/ad.{rank}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(90)
+def test_adaptive_two_ranks_hold_the_global_state(tmp_path: object) -> None:
+    """Two gloo ranks (batches 7 and 3) hold one process's state; a NaN on one rank raises on both."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    run_distributed(_adaptive_worker, 2, str(tmp_path), timeout=60)
+    got = [torch.load(f"{tmp_path}/ad.{r}.pt", weights_only=True) for r in range(2)]
+    ref = AdaptiveSigmaSampler(6, 0.01, 10.0, decay=0.8)
+    gens = [torch.Generator().manual_seed(200 + r) for r in range(2)]
+    for _ in range(5):
+        draws = [_rank_draw(r, g) for r, g in enumerate(gens)]
+        ref.update(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]))
+    for state in got:  # float64 sums in another order: equal to rounding
+        assert torch.allclose(state["sums"], ref.state_dict()["sums"], rtol=1e-13, atol=0)
+        assert torch.equal(state["counts"], ref.state_dict()["counts"])
+        assert state["raised"] and state["same"]  # no rank went on alone, none half-updated
+    assert not torch.allclose(ref.probabilities(), ref.objective_mass)  # the state is informative
