@@ -41,6 +41,17 @@ def test_train_quick_writes_everything(tmp_path):
     assert len(starts) == 2 and starts[0]["val_loss"] == starts[1]["val_loss"]
     summary = (tmp_path / "summary.md").read_text()
     assert "time to plain's final val loss" in summary and "no Fréchet distance" in summary
+    # auto's decisions, per seed and budget, reach results.json and summary.md
+    logs = {(d["recipe"], d["seed"], d["mode"]): d["decisions"] for d in data["decisions"]}
+    assert set(logs) == {
+        ("auto", seed, mode) for seed in (0, 1) for mode in ("wallclock", "images")
+    }
+    assert all(
+        log and all(set(e["active_bins"]) <= set(range(4)) for e in log) for log in logs.values()
+    )
+    assert (
+        "bins kept per check" in summary and summary.count("| auto |") == 2 + 4
+    )  # table rows per budget, then per seed × budget
 
 
 @pytest.mark.skipif(dataset_missing_reason("mnist", "test") is not None,

@@ -140,7 +140,9 @@ def auto_trainer(s: TrainSettings) -> Recipe:
         probe = max(4, min(40, s.eval_every))
         auto = vd.AutoStep(model, model.parameters(), bins=bins, probe_steps=probe,
                            recheck_every=max(probe, 25 * probe))  # fmt: skip
-        return _with_adam(model, s, auto)
+        run = _with_adam(model, s, auto)
+        run.decisions = auto.decisions  # type: ignore[attr-defined]  # the report lists them
+        return run
 
     return make_step
 
@@ -191,7 +193,7 @@ def train_and_held(s: TrainSettings, data_dir: Any = None) -> tuple[Tensor, Tens
 
 
 def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, mode: str,
-         images: Tensor, vset: ValidationSet, fd: Any) -> tuple[list[dict], dict]:  # fmt: skip
+         images: Tensor, vset: ValidationSet, fd: Any) -> tuple[list[dict], dict, list | None]:  # fmt: skip
     from varred_diffusion.models import SmallUNet
 
     model = SmallUNet(1, base=s.base, generator=ctx.generator("train-init", seed)).to(ctx.device)
@@ -229,7 +231,7 @@ def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, m
                                              count=s.fd_count, steps=s.heun_steps,
                                              sigma_min=s.sigma_min, sigma_max=s.sigma_max,
                                              device=ctx.device)  # fmt: skip
-    return rows, final
+    return rows, final, getattr(step, "decisions", None)
 
 
 def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings, *,
@@ -255,17 +257,20 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings,
             count=s.fd_count, data_dir=ctx.data_dir, progress=ctx.progress
         )
         print(f"train: Fréchet classifier test accuracy {acc:.4f}", file=sys.stderr)
-    curves, finals = [], []
+    curves, finals, decisions = [], [], []
     for mode in s.modes:
         for name, recipe in recipes.items():
             for seed in range(s.first_seed, s.first_seed + s.seeds):
-                rows, final = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
+                rows, final, log = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
                 curves += rows
                 finals.append(final)
+                if log is not None:  # an automatic recipe: what it kept, and when
+                    decisions.append({"recipe": name, "seed": seed, "mode": mode,
+                                      "decisions": list(log)})  # fmt: skip
     table = summarise(curves, finals, list(recipes), s.modes) if "plain" in recipes else []
     clock = "cpu" if s.timer(ctx.device) is time.process_time else "wall"
     return {"settings": asdict(s), "clock": clock, "curves": curves, "finals": finals,
-            "table": table}  # fmt: skip
+            "table": table, "decisions": decisions}  # fmt: skip
 
 
 def run_train(ctx: Context, recipes: Mapping[str, Recipe] | None = None) -> dict[str, Any]:

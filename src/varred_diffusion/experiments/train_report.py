@@ -107,6 +107,28 @@ def _seed_text(s: dict[str, Any]) -> str:
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
 
 
+def _decision_lines(decisions: list[dict]) -> list[str]:
+    """Markdown: per automatic run, the σ bins it kept the control in at each check."""
+    if not decisions:
+        return []
+    lines = ["", "Automatic recipes' decisions (σ bins with the control kept, at each check; "
+             "last check's cost ratio of a controlled to a plain step and efficiency):", "",
+             "| budget | recipe | seed | bins kept per check | last cost ratio | last efficiency | "
+             "last sampler |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in decisions:
+        log = d["decisions"]
+        if not log:
+            lines.append(
+                f"| {d['mode']} | {d['recipe']} | {d['seed']} | no check ran | – | – | – |"
+            )
+            continue
+        kept = " ".join(str(e["active_bins"]).replace(" ", "") for e in log)
+        last = log[-1]
+        lines.append(f"| {d['mode']} | {d['recipe']} | {d['seed']} | {kept} | "
+                     f"{last['cost_ratio']:.2f} | {last['efficiency']:.3g} | {last['sampler']} |")  # fmt: skip
+    return lines
+
+
 def write_report(
     out: Path,
     res: dict[str, Any],
@@ -153,6 +175,7 @@ def write_report(
                      f"{r['reached']}/{r['runs']} | {plus_minus(*r['images'], '.3g')} | "
                      f"{plus_minus(*r['final_val_loss'], '.4g')} | "
                      f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
+    lines += _decision_lines(res.get("decisions", []))
     if wall_s is not None:
         lines += ["", f"Wall time {wall_s:.1f} s."]
     if sources:
@@ -196,6 +219,7 @@ def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, 
     s = dict(first["settings"], seeds=len(seeds), first_seed=seeds[0], seed_list=seeds)
     s["modes"] = tuple(s["modes"])
     res = {"settings": s, "clock": first["clock"], "curves": curves, "finals": finals,
-           "table": summarise(curves, finals, _names(finals), s["modes"])}  # fmt: skip
+           "table": summarise(curves, finals, _names(finals), s["modes"]),
+           "decisions": [d for r in runs for d in r.get("decisions", [])]}  # fmt: skip
     write_report(out, res, dpi, sources=dirs)
     return res
