@@ -122,3 +122,11 @@ def test_malicious_payload_with_valid_checksum_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(VarRedError, match="cannot be read"):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+def test_plus_minus_formats_missing_values() -> None:
+    from varred_diffusion.experiments.io import plus_minus
+
+    assert plus_minus(0.3312, 0.0214) == "0.331 ± 0.021"
+    assert plus_minus(0.3312, float("nan")) == plus_minus(0.3312, None) == "0.331"
+    assert plus_minus(float("nan"), float("nan")) == plus_minus(None, None) == "–"

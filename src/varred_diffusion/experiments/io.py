@@ -141,8 +141,11 @@ def _csv_value(v: Any) -> Any:
     return "" if v is None else v
 
 
-def plus_minus(value: float, stderr: float | None, spec: str = ".3g") -> str:
-    """``"0.331 ± 0.021"`` for a Markdown table (just the value when the SE is NaN/None)."""
+def plus_minus(value: float | None, stderr: float | None, spec: str = ".3g") -> str:
+    """``"0.331 ± 0.021"`` for a Markdown table (just the value when the SE is NaN/None;
+    ``"–"`` when the value itself is: nothing measured, e.g. a target never reached)."""
+    if value is None or not math.isfinite(value):
+        return "–"
     if stderr is None or not math.isfinite(stderr):
         return format(value, spec)
     return f"{format(value, spec)} ± {stderr:.2g}"
