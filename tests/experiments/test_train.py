@@ -159,3 +159,29 @@ def test_train_one_mode(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "budgets: 16 images;" in summary
     assert "of training" not in summary  # the wall-clock budget did not run, so it is not stated
+
+
+def test_summary_compares_at_the_largest_step_every_run_reached():
+    """Per image seen: the loss at the largest step all runs were evaluated at, mean ± SE."""
+    from varred_diffusion.experiments.train_report import summarise
+
+    def curve(recipe, seed, losses, last):
+        steps = [500 * i for i in range(len(losses) - 1)] + [last]  # the end is off the grid
+        return [{"recipe": recipe, "seed": seed, "mode": "wallclock", "step": s,
+                 "elapsed_s": float(s), "images": 32 * s, "val_loss": v}
+                for s, v in zip(steps, losses, strict=True)]  # fmt: skip
+
+    curves = (curve("plain", 0, [9.0, 7.0, 5.0, 4.0, 3.5], 1777)
+              + curve("plain", 1, [9.0, 7.2, 5.2, 4.2, 3.7], 1811)
+              + curve("slow", 0, [9.0, 6.0, 4.8, 4.6], 1203)  # evaluated at 0, 500, 1000
+              + curve("slow", 1, [9.0, 6.4, 5.0, 4.9], 1250))  # fmt: skip
+    finals = [{"recipe": c[-1]["recipe"], "seed": c[-1]["seed"], "mode": "wallclock",
+               "val_loss": c[-1]["val_loss"], "frechet": float("nan"), "images": c[-1]["images"]}
+              for c in (curves[0:5], curves[5:10], curves[10:14], curves[14:18])]  # fmt: skip
+    table = summarise(curves, finals, ["plain", "slow"], ["wallclock"])
+    assert [r["common_step"] for r in table] == [1000, 1000]
+    (plain_mean, plain_se), (slow_mean, slow_se) = (r["val_loss_at_common_step"] for r in table)
+    assert plain_mean == pytest.approx(5.1) and plain_se == pytest.approx(0.1)
+    assert slow_mean == pytest.approx(4.9) and slow_se == pytest.approx(0.1)
+    # the slow recipe's lower loss per step does not change the equal-time target
+    assert table[1]["target_val_loss"] == pytest.approx(3.6) and table[1]["reached"] == 0

@@ -49,12 +49,20 @@ def _mean_se(v: list[float | None]) -> tuple[float, float]:
     return statistics.fmean(v), se
 
 
+def _common_step(per_run: list[list[dict]]) -> int:
+    """The largest step at which every run was evaluated (0 when only the start is shared)."""
+    shared = set.intersection(*({r["step"] for r in rows} for rows in per_run))
+    return max(shared, default=0)
+
+
 def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
               modes: Sequence[str]) -> list[dict]:  # fmt: skip
     """Per budget and recipe: time / images to plain's final validation loss, finals.
 
     The seeds are those each recipe ran (``runs``), so merged runs whose recipes ran on
-    different seeds each count their own.
+    different seeds each count their own. ``val_loss_at_common_step`` compares the recipes
+    per image seen, which a machine's load cannot move: the validation loss at
+    ``common_step``, the largest step at which every run of the budget was evaluated.
     """
     table = []
     for mode in modes:
@@ -62,17 +70,22 @@ def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
         if not plain:
             raise VarRedError(f"finals: expected runs of 'plain' for budget {mode!r}, got none")
         target = statistics.fmean(plain)
+        runs = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (f["recipe"], f["seed"], mode)]
+                for f in finals if f["mode"] == mode]  # fmt: skip
+        common = _common_step(runs)
         for name in names:
             fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
             per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, f["seed"], mode)]
                         for f in fin]  # fmt: skip
             t = [_time_to(rows, target) for rows in per_seed]
             n_img = [_time_to(rows, target, "images") for rows in per_seed]
+            at_common = [r["val_loss"] for rows in per_seed for r in rows if r["step"] == common]
             table.append({"mode": mode, "recipe": name, "target_val_loss": target,
                           "time_to_target_s": _mean_se(t),
                           "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
                           "runs": len(fin), "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
                           "final_frechet": _mean_se([f["frechet"] for f in fin]),
+                          "common_step": common, "val_loss_at_common_step": _mean_se(at_common),
                           "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
     return table
 
@@ -105,6 +118,13 @@ def _seed_text(s: dict[str, Any]) -> str:
     if seeds == list(range(len(seeds))):
         return f"{len(seeds)} seeds"
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+
+
+def _at_step(row: dict) -> str:
+    """"164.3 ± 0.5 (step 5500)"; rows written before the column existed print "–"."""
+    if "common_step" not in row:
+        return "–"
+    return f"{plus_minus(*row['val_loss_at_common_step'], '.4g')} (step {row['common_step']})"
 
 
 def _decision_lines(decisions: list[dict]) -> list[str]:
@@ -162,11 +182,13 @@ def write_report(
              f"budgets: {'; '.join(budgets[m] for m in s['modes'])}; validation loss on "
              f"{s['val_sigmas']} log-spaced σ × {s['val_size']} held-out images; {fd_text}. "
              "Target: the mean over seeds of plain's final validation loss (so plain itself "
-             "reaches it in about half its seeds). Mean ± standard error over seeds.", ""]  # fmt: skip
+             "reaches it in about half its seeds). The common step: the largest step at which "
+             "every run of the budget was evaluated (equal images seen, which the machine's "
+             "load cannot move). Mean ± standard error over seeds.", ""]  # fmt: skip
     if res["table"]:
         lines += ["| budget | recipe | time to plain's final val loss (s) | images to it | "
-                  "reached | images seen | final val loss | final Fréchet |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "reached | images seen | final val loss | val loss at the common step | "
+                  "final Fréchet |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     else:
         lines += ["No plain run here: merge with one (`varred-repro train --merge DIR DIR`)."]
     for r in res["table"]:
@@ -174,7 +196,7 @@ def write_report(
                      f"{plus_minus(*r['images_to_target'])} | "
                      f"{r['reached']}/{r['runs']} | {plus_minus(*r['images'], '.3g')} | "
                      f"{plus_minus(*r['final_val_loss'], '.4g')} | "
-                     f"{plus_minus(*r['final_frechet'])} |")  # fmt: skip
+                     f"{_at_step(r)} | {plus_minus(*r['final_frechet'])} |")  # fmt: skip
     lines += _decision_lines(res.get("decisions", []))
     if wall_s is not None:
         lines += ["", f"Wall time {wall_s:.1f} s."]
