@@ -121,7 +121,7 @@ def _seed_text(s: dict[str, Any]) -> str:
 
 
 def _at_step(row: dict) -> str:
-    """"164.3 ± 0.5 (step 5500)"; rows written before the column existed print "–"."""
+    """``164.3 ± 0.5 (step 5500)``; rows written before the column existed print "–"."""
     if "common_step" not in row:
         return "–"
     return f"{plus_minus(*row['val_loss_at_common_step'], '.4g')} (step {row['common_step']})"
