@@ -183,5 +183,9 @@ def test_summary_compares_at_the_largest_step_every_run_reached():
     (plain_mean, plain_se), (slow_mean, slow_se) = (r["val_loss_at_common_step"] for r in table)
     assert plain_mean == pytest.approx(5.1) and plain_se == pytest.approx(0.1)
     assert slow_mean == pytest.approx(4.9) and slow_se == pytest.approx(0.1)
+    # paired with plain's run of the same seed, what the seeds share cancels: −0.2 in both
+    delta, delta_se = table[1]["paired_delta_at_common_step"]
+    assert delta == pytest.approx(-0.2) and delta_se == pytest.approx(0.0, abs=1e-12)
+    assert table[0]["paired_delta_at_common_step"] == (0.0, 0.0)
     # the slow recipe's lower loss per step does not change the equal-time target
     assert table[1]["target_val_loss"] == pytest.approx(3.6) and table[1]["reached"] == 0

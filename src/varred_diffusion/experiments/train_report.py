@@ -55,6 +55,10 @@ def _common_step(per_run: list[list[dict]]) -> int:
     return max(shared, default=0)
 
 
+def _loss_at(rows: list[dict], step: int) -> float:
+    return next((r["val_loss"] for r in rows if r["step"] == step), float("nan"))
+
+
 def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
               modes: Sequence[str]) -> list[dict]:  # fmt: skip
     """Per budget and recipe: time / images to plain's final validation loss, finals.
@@ -62,7 +66,9 @@ def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
     The seeds are those each recipe ran (``runs``), so merged runs whose recipes ran on
     different seeds each count their own. ``val_loss_at_common_step`` compares the recipes
     per image seen, which a machine's load cannot move: the validation loss at
-    ``common_step``, the largest step at which every run of the budget was evaluated.
+    ``common_step``, the largest step at which every run of the budget was evaluated;
+    ``paired_delta_at_common_step`` is its difference from plain's run of the same seed
+    (same initialisation and data stream), over the seeds both ran.
     """
     table = []
     for mode in modes:
@@ -70,22 +76,28 @@ def summarise(curves: list[dict], finals: list[dict], names: Sequence[str],
         if not plain:
             raise VarRedError(f"finals: expected runs of 'plain' for budget {mode!r}, got none")
         target = statistics.fmean(plain)
-        runs = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (f["recipe"], f["seed"], mode)]
-                for f in finals if f["mode"] == mode]  # fmt: skip
-        common = _common_step(runs)
+        runs: dict[tuple, list[dict]] = {
+            (f["recipe"], f["seed"]): [] for f in finals if f["mode"] == mode
+        }
+        for r in curves:
+            if r["mode"] == mode and (r["recipe"], r["seed"]) in runs:
+                runs[r["recipe"], r["seed"]].append(r)
+        common = _common_step(list(runs.values()))
         for name in names:
             fin = [f for f in finals if f["mode"] == mode and f["recipe"] == name]
-            per_seed = [[r for r in curves if (r["recipe"], r["seed"], r["mode"]) == (name, f["seed"], mode)]
-                        for f in fin]  # fmt: skip
+            per_seed = [runs[name, f["seed"]] for f in fin]
             t = [_time_to(rows, target) for rows in per_seed]
             n_img = [_time_to(rows, target, "images") for rows in per_seed]
-            at_common = [r["val_loss"] for rows in per_seed for r in rows if r["step"] == common]
+            at_common = [_loss_at(rows, common) for rows in per_seed]
+            paired = [at - _loss_at(runs["plain", f["seed"]], common)
+                      for f, at in zip(fin, at_common, strict=True) if ("plain", f["seed"]) in runs]  # fmt: skip
             table.append({"mode": mode, "recipe": name, "target_val_loss": target,
                           "time_to_target_s": _mean_se(t),
                           "images_to_target": _mean_se(n_img), "reached": sum(map(math.isfinite, t)),
                           "runs": len(fin), "final_val_loss": _mean_se([f["val_loss"] for f in fin]),
                           "final_frechet": _mean_se([f["frechet"] for f in fin]),
                           "common_step": common, "val_loss_at_common_step": _mean_se(at_common),
+                          "paired_delta_at_common_step": _mean_se(paired),
                           "images": _mean_se([float(f["images"]) for f in fin])})  # fmt: skip
     return table
 
@@ -121,10 +133,11 @@ def _seed_text(s: dict[str, Any]) -> str:
 
 
 def _at_step(row: dict) -> str:
-    """``164.3 ± 0.5 (step 5500)``; rows written before the column existed print "–"."""
+    """``164.3 ± 0.5 (step 5500) | −0.2 ± 0.4``; rows written before these columns: "– | –"."""
     if "common_step" not in row:
-        return "–"
-    return f"{plus_minus(*row['val_loss_at_common_step'], '.4g')} (step {row['common_step']})"
+        return "– | –"
+    return (f"{plus_minus(*row['val_loss_at_common_step'], '.4g')} (step {row['common_step']}) | "
+            f"{plus_minus(*row['paired_delta_at_common_step'])}")  # fmt: skip
 
 
 def _decision_lines(decisions: list[dict]) -> list[str]:
@@ -184,11 +197,13 @@ def write_report(
              "Target: the mean over seeds of plain's final validation loss (so plain itself "
              "reaches it in about half its seeds). The common step: the largest step at which "
              "every run of the budget was evaluated (equal images seen, which the machine's "
-             "load cannot move). Mean ± standard error over seeds.", ""]  # fmt: skip
+             "load cannot move); paired Δ: minus plain's loss there in the same seed (same "
+             "initialisation and data). Mean ± standard error over seeds.", ""]  # fmt: skip
     if res["table"]:
         lines += ["| budget | recipe | time to plain's final val loss (s) | images to it | "
                   "reached | images seen | final val loss | val loss at the common step | "
-                  "final Fréchet |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "paired Δ vs plain there | final Fréchet |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     else:
         lines += ["No plain run here: merge with one (`varred-repro train --merge DIR DIR`)."]
     for r in res["table"]:
