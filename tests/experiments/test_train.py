@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,91 @@ def test_summary_compares_at_the_largest_step_every_run_reached():
     assert table[0]["paired_delta_at_common_step"] == (0.0, 0.0)
     # the slow recipe's lower loss per step does not change the equal-time target
     assert table[1]["target_val_loss"] == pytest.approx(3.6) and table[1]["reached"] == 0
+
+
+class _FakeRun:
+    """A run whose step spends ``cost`` of a budget of 1 (what run_in_turns sees of one)."""
+
+    def __init__(self, name, cost, log):
+        self.name, self.cost, self.log, self.spent = name, cost, log, 0.0
+
+    @property
+    def done(self):
+        return self.spent >= 1.0
+
+    def advance(self):
+        self.log.append(self.name)
+        self.spent += self.cost
+
+
+def test_in_turns_keeps_every_run_within_one_step_of_the_others():
+    from varred_diffusion.experiments.train_run import run_in_turns
+
+    log = []
+    runs = [_FakeRun("cheap", 0.125, log), _FakeRun("dear", 0.5, log), _FakeRun("mid", 0.25, log)]
+    spent_at = []
+
+    def watch(run):
+        advance = run.advance
+
+        def step():
+            advance()
+            spent_at.append([r.spent for r in runs])
+
+        run.advance = step
+
+    for r in runs:
+        watch(r)
+    run_in_turns(runs)
+    assert all(r.done for r in runs)
+    assert log.count("cheap") == 8 and log.count("dear") == 2 and log.count("mid") == 4
+    # a run steps only while it has spent least, so no run leads another by more than its step
+    for spent in spent_at[:-1]:
+        assert max(spent) - min(spent) <= 0.5
+    assert log[:3] == ["cheap", "dear", "mid"]  # ties go to the earlier run
+    log.clear()
+    run_in_turns([_FakeRun("one", 0.25, log)])
+    assert log == ["one"] * 4
+
+
+@pytest.mark.skipif(dataset_missing_reason("mnist", "test") is not None,
+                    reason="needs the MNIST test split (../shared/data/mnist)")  # fmt: skip
+def test_in_turns_gives_the_sequential_numbers_on_an_images_budget(tmp_path):
+    """Each run has its own model, streams and optimiser: stepping in turns changes nothing
+    but the order (one step of each recipe in turn, seed by seed)."""
+    order = []
+
+    def logged(name, make):
+        def make_step(model):
+            step = make(model)
+
+            def run(x, g):
+                order.append(name)
+                return step(x, g)
+
+            return run
+
+        return make_step
+
+    base = TrainSettings(dataset="mnist", base=8, batch=4, seeds=2, images=12, eval_every=2,
+                         val_size=8, val_sigmas=3, fd_count=0, limit=64, modes=("images",))  # fmt: skip
+    results = {}
+    for schedule in ("sequential", "in-turns"):
+        s = replace(base, schedule=schedule)
+        recipes = {name: logged(name, recipe_trainer(r, s)) for name, r in
+                   {"plain": vd.Recipe(sampler=vd.LogUniformSigma(0.01, 10.0)),
+                    "importance σ": vd.Recipe(sampler=vd.ImportanceSigmaSampler(2, 0.01, 10.0))}.items()}  # fmt: skip
+        order.clear()
+        results[schedule] = train_recipes(Context(out=tmp_path, quick=True), recipes, s)
+        results[schedule]["order"] = list(order)
+    seq, turns = results["sequential"], results["in-turns"]
+    assert seq["order"] == ["plain"] * 6 + ["importance σ"] * 6  # 3 steps × 2 seeds each
+    assert turns["order"] == ["plain", "importance σ"] * 6
+
+    def losses(res):
+        return sorted((r["recipe"], r["seed"], r["step"], r["val_loss"]) for r in res["curves"])
+
+    assert losses(turns) == losses(seq)
+    assert turns["settings"]["schedule"] == "in-turns"
+    with pytest.raises(VarRedError, match="schedule"):
+        replace(base, schedule="round-robin")

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--clock", default=None, choices=("auto", "cpu", "wall"),
                            help="budget clock: process CPU time or wall-clock (auto: CPU time "
                                 "on the CPU, wall-clock on CUDA)")  # fmt: skip
+            p.add_argument("--schedule", default=None, choices=("sequential", "in-turns"),
+                           help="one run after another (default), or a seed's recipes in turns "
+                                "in one process: all meet the same machine load")  # fmt: skip
             p.add_argument("--modes", default=None, metavar="M,...",
                            help="budgets to run: wallclock,images (default both)")  # fmt: skip
             p.add_argument(
@@ -196,6 +199,8 @@ def _extra(args: argparse.Namespace, name: str) -> dict:
                 raise VarRedError(f"--set: expected K=V with a number V, got {item!r}") from exc
     if args.clock is not None:
         settings["clock"] = args.clock
+    if args.schedule is not None:
+        settings["schedule"] = args.schedule
     if args.modes is not None:
         settings["modes"] = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     extra: dict = {"dataset_name": args.dataset, "train_settings": settings}

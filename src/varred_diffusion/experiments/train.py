@@ -5,7 +5,9 @@ same wall-clock budget and, separately, the same number of images, for several s
 The deterministic validation loss (:mod:`.validation`) is measured every ``eval_every``
 steps (its time is excluded from the clock), the Fréchet distance (:mod:`.quality`,
 Fashion-MNIST only: its classifier needs the training split) at the end of the equal
-wall-clock runs. Outputs:
+wall-clock runs. Runs go one after another, or with ``schedule="in-turns"`` a seed's
+recipes step in turns in one process (:mod:`.train_run`), so that machine load that comes
+and goes falls on all of them alike. Outputs:
 ``curves.csv``, ``final.csv``, ``results.json``, ``quality_vs_wallclock.png``,
 ``quality_vs_images.png`` and ``summary.md`` (time each recipe needs to reach the plain
 run's final validation loss, final Fréchet distance; mean ± standard error over seeds).
@@ -33,7 +35,8 @@ from varred.layout import CoefficientLayout
 from varred_diffusion.experiments.common import Context
 from varred_diffusion.experiments.datasets import load_dataset
 from varred_diffusion.experiments.train_report import merge_results, summarise, write_report
-from varred_diffusion.experiments.validation import ValidationSet, validation_loss
+from varred_diffusion.experiments.train_run import RecipeRun, run_in_turns
+from varred_diffusion.experiments.validation import ValidationSet
 
 __all__ = [
     "Recipe",
@@ -79,11 +82,19 @@ class TrainSettings:
     clock: str = "auto"
     #: which budgets to run: equal training time (``"wallclock"``) and/or equal images.
     modes: tuple[str, ...] = ("wallclock", "images")
+    #: ``"sequential"``: one run after another; ``"in-turns"``: a seed's recipes in one
+    #: process, the one that has spent least of its budget stepping next, so all of them meet
+    #: the same machine load (:func:`~.train_run.run_in_turns`).
+    schedule: str = "sequential"
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.first_seed < 0:
             raise VarRedError(f"seeds, first_seed: expected seeds >= 1 and first_seed >= 0, "
                               f"got {self.seeds} and {self.first_seed}")  # fmt: skip
+        if self.schedule not in ("sequential", "in-turns"):
+            raise VarRedError(
+                f"schedule: expected 'sequential' or 'in-turns', got {self.schedule!r}"
+            )
         if self.clock not in ("auto", "cpu", "wall"):
             raise VarRedError(f"clock: expected 'auto', 'cpu' or 'wall', got {self.clock!r}")
         bad = [m for m in self.modes if m not in ("wallclock", "images")]
@@ -192,48 +203,6 @@ def train_and_held(s: TrainSettings, data_dir: Any = None) -> tuple[Tensor, Tens
     return (train if s.limit is None else train[: s.limit]), held
 
 
-def _run(ctx: Context, s: TrainSettings, name: str, recipe: Recipe, seed: int, mode: str,
-         images: Tensor, vset: ValidationSet, fd: Any) -> tuple[list[dict], dict, list | None]:  # fmt: skip
-    from varred_diffusion.models import SmallUNet
-
-    model = SmallUNet(1, base=s.base, generator=ctx.generator("train-init", seed)).to(ctx.device)
-    step = recipe(model)
-    g = ctx.generator("train-data", seed)  # same data/σ/ε stream for every recipe
-    rows: list[dict] = []
-    clock, seen, i = 0.0, 0, 0
-    now = s.timer(ctx.device)
-
-    def record() -> None:
-        model.eval()
-        r = validation_loss(vset, model)
-        model.train()
-        rows.append({"recipe": name, "seed": seed, "mode": mode, "step": i, "images": seen,
-                     "elapsed_s": clock, **r.as_dict()})  # fmt: skip
-
-    record()
-    while (clock < s.budget_s) if mode == "wallclock" else (seen < s.images):
-        x = images[torch.randint(images.shape[0], (s.batch,), generator=g)].to(ctx.device)
-        t0 = now()
-        step(x, g)
-        if ctx.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        clock += now() - t0
-        seen, i = seen + s.batch, i + 1
-        if i % s.eval_every == 0:
-            record()
-    if rows[-1]["step"] != i:
-        record()
-    final = {"recipe": name, "seed": seed, "mode": mode, "steps": i, "images": seen,
-             "elapsed_s": clock, "val_loss": rows[-1]["val_loss"], "frechet": float("nan")}  # fmt: skip
-    if fd is not None and mode == "wallclock":  # quality at equal wall-clock (the budget users pay)
-        model.eval()
-        final["frechet"] = fd.evaluate_model(model, ctx.generator("train-fd", seed),
-                                             count=s.fd_count, steps=s.heun_steps,
-                                             sigma_min=s.sigma_min, sigma_max=s.sigma_max,
-                                             device=ctx.device)  # fmt: skip
-    return rows, final, getattr(step, "decisions", None)
-
-
 def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings, *,
                   require_plain: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train every recipe × seed × mode; return settings, curves, finals and the table.
@@ -257,15 +226,23 @@ def train_recipes(ctx: Context, recipes: Mapping[str, Recipe], s: TrainSettings,
             count=s.fd_count, data_dir=ctx.data_dir, progress=ctx.progress
         )
         print(f"train: Fréchet classifier test accuracy {acc:.4f}", file=sys.stderr)
+    seeds = range(s.first_seed, s.first_seed + s.seeds)
+    if s.schedule == "in-turns":  # a seed's recipes step in turns, in one process
+        groups = [[(name, seed) for name in recipes] for seed in seeds]
+    else:
+        groups = [[(name, seed)] for name in recipes for seed in seeds]
     curves, finals, decisions = [], [], []
     for mode in s.modes:
-        for name, recipe in recipes.items():
-            for seed in range(s.first_seed, s.first_seed + s.seeds):
-                rows, final, log = _run(ctx, s, name, recipe, seed, mode, train, vset, fd)
+        for group in groups:
+            runs = [RecipeRun(ctx, s, name, recipes[name], seed, mode, train, vset)
+                    for name, seed in group]  # fmt: skip
+            run_in_turns(runs)
+            for run in runs:
+                rows, final, log = run.finish(fd)
                 curves += rows
                 finals.append(final)
                 if log is not None:  # an automatic recipe: what it kept, and when
-                    decisions.append({"recipe": name, "seed": seed, "mode": mode,
+                    decisions.append({"recipe": run.name, "seed": run.seed, "mode": mode,
                                       "decisions": list(log)})  # fmt: skip
     table = summarise(curves, finals, list(recipes), s.modes) if "plain" in recipes else []
     clock = "cpu" if s.timer(ctx.device) is time.process_time else "wall"

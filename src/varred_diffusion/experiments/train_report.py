@@ -132,6 +132,12 @@ def _seed_text(s: dict[str, Any]) -> str:
     return f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
 
 
+def _schedule_text(s: dict[str, Any]) -> str:
+    if s.get("schedule", "sequential") == "sequential":  # also runs written before the option
+        return ""
+    return ", a seed's recipes stepping in turns in one process (each on its own clock)"
+
+
 def _at_step(row: dict) -> str:
     """``164.3 ± 0.5 (step 5500) | −0.2 ± 0.4``; rows written before these columns: "– | –"."""
     if "common_step" not in row:
@@ -192,7 +198,8 @@ def write_report(
     }
     lines = [f"# train: time to quality on {s['dataset']}", "",
              f"SmallUNet base {s['base']}, batch {s['batch']}, Adam lr {s['lr']}, {_seed_text(s)}; "
-             f"budgets: {'; '.join(budgets[m] for m in s['modes'])}; validation loss on "
+             f"budgets: {'; '.join(budgets[m] for m in s['modes'])}"
+             f"{_schedule_text(s)}; validation loss on "
              f"{s['val_sigmas']} log-spaced σ × {s['val_size']} held-out images; {fd_text}. "
              "Target: the mean over seeds of plain's final validation loss (so plain itself "
              "reaches it in about half its seeds). The common step: the largest step at which "
@@ -234,6 +241,7 @@ def merge_results(dirs: Sequence[str | Path], out: Path, dpi: int) -> dict[str, 
         if not path.is_file():
             raise VarRedError(f"merge: expected {path} (a varred-repro train output), not found")
         runs.append(json.loads(path.read_text()))
+        runs[-1]["settings"].setdefault("schedule", "sequential")  # written before the option
     first = runs[0]
     free = {"seeds", "first_seed", "seed_list"}
     for d, r in zip(dirs[1:], runs[1:], strict=True):
