@@ -35,7 +35,7 @@ from varred.layout import CoefficientLayout
 from varred_diffusion.experiments.common import Context
 from varred_diffusion.experiments.datasets import load_dataset
 from varred_diffusion.experiments.train_report import merge_results, summarise, write_report
-from varred_diffusion.experiments.train_run import RecipeRun, run_in_turns
+from varred_diffusion.experiments.train_run import RecipeRun, Step, run_in_turns
 from varred_diffusion.experiments.validation import ValidationSet
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "train_recipes",
 ]
 
-Step = Callable[[Tensor, torch.Generator], dict[str, float]]
 #: MNIST images (the last of its test split) held out for validation, never trained on.
 MNIST_HOLDOUT = 1000
 Recipe = Callable[[nn.Module], Step]

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from varred_diffusion.experiments.common import Context
 from varred_diffusion.experiments.validation import ValidationSet, validation_loss
 
-__all__ = ["RecipeRun", "run_in_turns"]
+__all__ = ["RecipeRun", "Step", "run_in_turns"]
 
+#: ``step(x [B, ...], generator) -> {"loss": ...}``: one update of the model.
 Step = Callable[[Tensor, torch.Generator], dict[str, float]]
 
 
